@@ -1,0 +1,34 @@
+# make demo  - run the main job (creates .venv, installs what it needs)
+# make test  - run the test suite (kernels in the Triton interpreter when there is no CUDA GPU)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Without CUDA, pin the CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: demo test clean
+
+demo: $(VENV)/.installed-serve
+	$(VENV)/bin/autoglm-fast demo
+
+test: $(VENV)/.installed-test
+	@if $(PY) -c 'import sys, torch; sys.exit(torch.cuda.is_available())'; then \
+		echo "no CUDA device: kernels run in the Triton interpreter (TRITON_INTERPRET=1)"; \
+		export TRITON_INTERPRET=1; \
+	fi; \
+	$(VENV)/bin/pytest
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch: | $(PY)
+	@if [ -z "$(HAS_CUDA)" ]; then $(PY) -m pip install -q torch==2.13.0; fi
+	@touch $@
+
+$(VENV)/.installed-%: setup.py $(VENV)/.torch
+	$(PY) -m pip install -q -e '.[$*]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

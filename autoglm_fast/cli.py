@@ -1,0 +1,47 @@
+"""`autoglm-fast` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from .config import AutoGLMPhoneConfig
+    from .reference.model import AutoGLMPhoneForCausalLM
+    config = AutoGLMPhoneConfig.preset(args.preset)
+    with torch.device("meta"):  # counts without allocating 9 B parameters
+        counts = AutoGLMPhoneForCausalLM(config).parameter_counts()
+    print(json.dumps({"preset": args.preset, "parameters": counts, "config": config.to_dict()}, indent=2))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(args.preset, args.prompt, args.max_new_tokens, args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autoglm-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run one image+audio+text request through the eager reference")
+    p.add_argument("--preset", default="nano")
+    p.add_argument("--prompt", default="What is on the screen, and what do you hear?")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("info", help="print a preset's config and parameter counts")
+    p.add_argument("--preset", default="autoglm-phone-9b")
+    p.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"autoglm-fast: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# kernels/ is installed as autoglm_fast.kernels: a top-level `kernels` would shadow an unrelated
+# PyPI package of that name which transformers probes for.
+packages = find_packages(include=["autoglm_fast", "autoglm_fast.*"])
+packages += ["autoglm_fast.kernels"] + [f"autoglm_fast.kernels.{p}" for p in find_packages("kernels")]
+
+serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19"]
+test = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "pillow>=10"]
+
+setup(
+    name="autoglm-fast",
+    version="0.1.0",
+    description="Triton kernels and an inference engine for the AutoGLM-Phone-9B multimodal model",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"autoglm_fast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.6", "numpy", "safetensors>=0.4"],
+    extras_require={"serve": serve, "test": test, "dev": sorted(set(serve + test))},
+    entry_points={"console_scripts": ["autoglm-fast=autoglm_fast.cli:main"]},
+)
