@@ -68,6 +68,10 @@ class TextConfig:
     def kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def kv_cache_bytes_per_token(self, element_size: int) -> int:
+        """K and V for every layer and KV head."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * element_size
+
 
 @dataclass
 class VisionConfig:

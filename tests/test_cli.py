@@ -1,0 +1,46 @@
+"""The console script: the demo runs end to end; bad arguments give a clear error and exit code 2."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).parent / "autoglm-fast")  # the console script installed beside this Python
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_demo_prints_generated_tokens_and_timings():
+    proc = run("demo", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "generated 5 tokens: [" in out
+    for stage in ("vision", "audio", "prefill", "decode"):
+        assert f"  {stage}" in out
+    assert "total 386,251" in out  # nano parameter count
+
+
+@pytest.mark.parametrize("args, message", [
+    (("demo", "--preset", "nope"), "unknown preset 'nope'"),
+    (("demo", "--max-new-tokens", "0"), "max_new_tokens must be >= 1"),
+])
+def test_cli_errors_are_clear(args, message):
+    proc = run(*args)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_info_counts_the_full_preset_without_allocating():
+    proc = run("info", "--preset", "autoglm-phone-9b")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["parameters"]["total"] == 9_005_654_019
+
+
+def test_kernels_install_under_the_package_not_top_level():
+    import autoglm_fast.kernels  # noqa: F401  (package_dir maps kernels/ here)
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+    assert importlib.util.find_spec("autoglm_fast.kernels") is not None
