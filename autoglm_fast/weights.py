@@ -26,12 +26,14 @@ class CheckpointError(ValueError):
 
 
 def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like '2GB' (powers of 1000, as transformers) or '2GiB' (of 1024)."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", str(size).upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(I?)B?\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size must be bytes or like '2GB', got {size!r}")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+        raise ValueError(f"max_shard_size must be bytes or like '2GB' / '2GiB', got {size!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMG".index(m.group(2) or " "))
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -48,6 +50,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
             size = 0
         shards[-1][name] = tensor.detach().contiguous().cpu()
         size += nbytes
+    for stale in directory.glob("model-*-of-*.safetensors"):  # shards of an earlier save
+        stale.unlink()
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -107,10 +111,16 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
     """
     targets = model.state_dict(keep_vars=True)
     plan: dict[Path, list[tuple[str, str]]] = {}
+    seen: dict[str, str] = {}
+    duplicate = []
     for ckpt_name, file in files.items():
         name = rename(ckpt_name)
-        if name is not None:
-            plan.setdefault(file, []).append((ckpt_name, name))
+        if name is None:
+            continue
+        if name in seen:
+            duplicate.append(f"{name}: from both {seen[name]} and {ckpt_name}")
+        seen[name] = ckpt_name
+        plan.setdefault(file, []).append((ckpt_name, name))
     headers = {f: _header(f) for f in plan}
     provided = {name for pairs in plan.values() for _, name in pairs}
     missing = sorted(expected - provided)
@@ -119,7 +129,8 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
                    for f, pairs in plan.items() for c, n in pairs
                    if n in expected and headers[f][c] != tuple(targets[n].shape))
     problems = [f"{label} ({len(items)}):\n    " + "\n    ".join(items)
-                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                                     ("given twice", sorted(duplicate)))
                 if items]
     if problems:
         raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))

@@ -96,10 +96,11 @@ class AutoGLMPhoneForCausalLM(nn.Module):
         from ..weights import save_pretrained
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
-    def load_hf_weights(self, path, part: str | None = None) -> str:
-        """Load a Hugging Face GlmForCausalLM / CLIPVisionModel / Whisper checkpoint into its part."""
+    def load_hf_weights(self, path, part: str | None = None, **kwargs) -> str:
+        """Load a Hugging Face GlmForCausalLM / CLIPVisionModel / Whisper checkpoint into its part
+        (see `weights.load_hf_weights`; dtype/device apply to parts still on the meta device)."""
         from ..weights import load_hf_weights
-        return load_hf_weights(self, path, part=part)
+        return load_hf_weights(self, path, part=part, **kwargs)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {part: sum(p.numel() for m in mods for p in getattr(self, m).parameters())
