@@ -36,8 +36,8 @@ class GatedFusion(nn.Module):
         B, _, H = t.shape
         v, has_v = _summary(v, has_v, t, "v")
         a, has_a = _summary(a, has_a, t, "a")
-        v = v * has_v[:, None].to(v.dtype)  # an absent modality's vector is 0 whatever was passed
-        a = a * has_a[:, None].to(a.dtype)
+        v = torch.where(has_v[:, None], v, 0.0)  # an absent modality's vector is 0 whatever was passed
+        a = torch.where(has_a[:, None], a, 0.0)
         g = self.gates(t, v, a, has_v, has_a)
         return g[..., 0:1] * v[:, None] + g[..., 1:2] * a[:, None] + g[..., 2:3] * t
 

@@ -1,0 +1,102 @@
+"""Compile every kernel for real GPUs on a GPU-less machine and read back its resources.
+
+Each kernel module lists `compile_specs()`: one `CompileSpec` per (config its launcher can pick,
+dtype, specialization). `compile_spec` builds it with `triton.compile` for an explicit `GPUTarget`
+and reads registers / spills / shared memory from the cubin with the cuobjdump Triton ships.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Max dynamic shared memory per block (opt-in), bytes.
+TARGETS = {"sm_80": (80, 166_912), "sm_89": (89, 101_376), "sm_90": (90, 232_448)}
+
+
+@dataclass
+class CompileSpec:
+    kernel: str                      # name shown in reports
+    fn: object                       # the @triton.jit function (autotuners are unwrapped)
+    signature: dict[str, str]        # non-constexpr arguments: name -> "*fp16", "i32", "fp32", ...
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+    hot: bool = True                 # hot kernels must not spill registers
+    label: str = ""
+
+    @classmethod
+    def from_config(cls, kernel: str, fn, signature: dict[str, str], constexprs: dict[str, object],
+                    config: triton.Config, **kw) -> "CompileSpec":
+        return cls(kernel, getattr(fn, "fn", fn), signature, {**constexprs, **config.kwargs},
+                   config.num_warps, config.num_stages, **kw)
+
+
+@dataclass
+class CompileResult:
+    spec: CompileSpec
+    target: str
+    registers: int
+    spill_bytes: int       # LOCAL memory per thread: > 0 means register spills
+    shared: int
+    shared_limit: int
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _ast_source(spec: CompileSpec) -> ASTSource:
+    # Triton >= 3.3 takes constexprs separately and wants them in the signature as "constexpr".
+    signature = {**spec.signature, **{k: "constexpr" for k in spec.constexprs}}
+    return ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs))
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def compile_spec(spec: CompileSpec, target: str) -> CompileResult:
+    cc, limit = TARGETS[target]
+    try:
+        k = triton.compile(_ast_source(spec), target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as e:  # compile failures are results too: report them per target
+        return CompileResult(spec, target, 0, 0, 0, limit, [f"compile failed: {type(e).__name__}: {e}"])
+    usage = resource_usage(k.asm["cubin"])
+    shared = max(int(k.metadata.shared), usage.get("SHARED", 0))
+    res = CompileResult(spec, target, usage.get("REG", 0), usage.get("LOCAL", 0), shared, limit)
+    if shared > limit:
+        res.errors.append(f"shared memory {shared} B > {limit} B")
+    if spec.hot and res.spill_bytes:
+        res.errors.append(f"{res.spill_bytes} B of register spills")
+    return res
+
+
+def all_specs() -> list[CompileSpec]:
+    from . import adapter_attention, gated_fusion, linear
+    return [s for mod in (linear, adapter_attention, gated_fusion) for s in mod.compile_specs()]
+
+
+def format_table(results: list[CompileResult]) -> str:
+    rows = [f"{'kernel':<28} {'config':<38} {'target':<6} {'regs':>5} {'spill':>6} {'smem':>7} {'limit':>7}  status"]
+    for r in results:
+        rows.append(f"{r.spec.kernel:<28} {r.spec.label:<38} {r.target:<6} {r.registers:>5} {r.spill_bytes:>6} "
+                    f"{r.shared:>7} {r.shared_limit:>7}  {'ok' if r.ok else '; '.join(r.errors)}")
+    return "\n".join(rows)
