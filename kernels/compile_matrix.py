@@ -39,8 +39,9 @@ class CompileSpec:
 
 
 @dataclass
-class CompileResult:
-    spec: CompileSpec
+class CompileResult:  # plain data, so results can come back from worker processes
+    kernel: str
+    label: str
     target: str
     registers: int
     spill_bytes: int       # LOCAL memory per thread: > 0 means register spills
@@ -78,10 +79,11 @@ def compile_spec(spec: CompileSpec, target: str) -> CompileResult:
         k = triton.compile(_ast_source(spec), target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # compile failures are results too: report them per target
-        return CompileResult(spec, target, 0, 0, 0, limit, [f"compile failed: {type(e).__name__}: {e}"])
+        return CompileResult(spec.kernel, spec.label, target, 0, 0, 0, limit,
+                             [f"compile failed: {type(e).__name__}: {e}"])
     usage = resource_usage(k.asm["cubin"])
     shared = max(int(k.metadata.shared), usage.get("SHARED", 0))
-    res = CompileResult(spec, target, usage.get("REG", 0), usage.get("LOCAL", 0), shared, limit)
+    res = CompileResult(spec.kernel, spec.label, target, usage.get("REG", 0), usage.get("LOCAL", 0), shared, limit)
     if shared > limit:
         res.errors.append(f"shared memory {shared} B > {limit} B")
     if spec.hot and res.spill_bytes:
@@ -97,6 +99,6 @@ def all_specs() -> list[CompileSpec]:
 def format_table(results: list[CompileResult]) -> str:
     rows = [f"{'kernel':<28} {'config':<38} {'target':<6} {'regs':>5} {'spill':>6} {'smem':>7} {'limit':>7}  status"]
     for r in results:
-        rows.append(f"{r.spec.kernel:<28} {r.spec.label:<38} {r.target:<6} {r.registers:>5} {r.spill_bytes:>6} "
+        rows.append(f"{r.kernel:<28} {r.label:<38} {r.target:<6} {r.registers:>5} {r.spill_bytes:>6} "
                     f"{r.shared:>7} {r.shared_limit:>7}  {'ok' if r.ok else '; '.join(r.errors)}")
     return "\n".join(rows)

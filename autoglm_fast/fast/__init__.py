@@ -1,0 +1,6 @@
+"""Drop-in fast modules: same parameters and state dict as the reference layers, Triton kernels inside."""
+from .adapter import FastDualPathAdapter
+from .fusion import FastGatedFusion
+from .swap import FastKernelReport, apply_fast_kernels
+
+__all__ = ["FastDualPathAdapter", "FastGatedFusion", "FastKernelReport", "apply_fast_kernels"]

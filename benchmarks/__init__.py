@@ -1,0 +1,1 @@
+"""Microbenchmarks and reports for autoglm-fast (run as `python -m benchmarks.<name>`)."""

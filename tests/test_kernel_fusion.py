@@ -1,0 +1,73 @@
+"""gated_fusion (per-sequence summary + row kernel) vs the eager math and the reference module."""
+import pytest
+import torch
+
+from autoglm_fast.kernels.gated_fusion import gated_fusion, reference_fusion
+from autoglm_fast.reference.fusion import GatedFusion
+from kernel_harness import ALL_DTYPES, DEVICE, assert_close, nan_like, odd_sizes, randn, requires_kernels
+
+pytestmark = requires_kernels
+
+
+def _inputs(B, T, H, dtype, seed=0):
+    torch.manual_seed(seed)
+    return (randn(B, T, H, dtype=dtype), randn(3, 3 * H, dtype=dtype, scale=H ** -0.5), randn(3, dtype=dtype),
+            randn(B, H, dtype=dtype), randn(B, H, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)  # no dots: bf16 runs in the interpreter too (upcast to fp32)
+@pytest.mark.parametrize("T", odd_sizes(4))    # T == 1 is the decode path (summary computed inline)
+@pytest.mark.parametrize("B, H", [(1, 72), (3, 1041)])
+@pytest.mark.parametrize("media", ["none", "vision", "both", "ragged"])
+def test_matches_reference(dtype, T, B, H, media):
+    t, w, b, v, a = _inputs(B, T, H, dtype, seed=T + H)
+    kw = {"none": {}, "vision": {"v": v}, "both": {"v": v, "a": a},
+          "ragged": {"v": v, "a": a, "has_v": torch.arange(B, device=DEVICE) % 2 == 0,
+                     "has_a": torch.arange(B, device=DEVICE) >= 1}}[media]
+    out = nan_like((B, T, H), dtype)
+    got = gated_fusion(t, w, b, out=out, **kw)
+    assert got is out
+    assert_close(got, reference_fusion(t, w, b, **kw), dtype, reduction=3 * H)
+
+
+def test_matches_reference_module():
+    t, w, b, v, a = _inputs(2, 5, 72, torch.float32)
+    module = GatedFusion(72).to(DEVICE)
+    with torch.no_grad():
+        module.gate.weight.copy_(w)
+        module.gate.bias.copy_(b)
+        has_v = torch.tensor([True, False], device=DEVICE)
+        assert_close(gated_fusion(t, w, b, v, a, has_v=has_v), module(t, v, a, has_v=has_v), torch.float32, 216)
+
+
+def test_absent_modality_is_exactly_zero_even_for_garbage_vectors():
+    t, w, b, v, a = _inputs(2, 3, 72, torch.float32)
+    garbage = torch.full_like(v, float("nan"))
+    no = torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    assert torch.equal(gated_fusion(t, w, b, garbage, garbage, has_v=no, has_a=no), gated_fusion(t, w, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, T", [(1, 1), (32, 1), (1, 4096)])
+def test_real_shapes(dtype, B, T):
+    t, w, b, v, a = _inputs(B, T, 3584, dtype)
+    assert_close(gated_fusion(t, w, b, v, a), reference_fusion(t, w, b, v, a), dtype, reduction=3 * 3584)
+
+
+def test_bad_inputs_name_the_argument():
+    t, w, b, v, a = _inputs(2, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="weight must have shape \\(3, 24\\)"):
+        gated_fusion(t, w[:, :20], b)
+    with pytest.raises(ValueError, match="v must have shape \\(2, 8\\)"):
+        gated_fusion(t, w, b, v[:1])
+    with pytest.raises(TypeError, match="a has dtype torch.float16"):
+        gated_fusion(t, w, b, v, a.half())
+    with pytest.raises(TypeError, match="has_v has dtype torch.int64"):
+        gated_fusion(t, w, b, v, has_v=torch.ones(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="has_a marks rows present but a is None"):
+        gated_fusion(t, w, b, v, has_a=torch.ones(2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="t with shape .* cannot be viewed as rows"):
+        gated_fusion(randn(3, 2, 8).transpose(0, 1), w, b)
+    with pytest.raises(ValueError, match="t is on meta"):
+        gated_fusion(torch.empty(2, 3, 8, device="meta"), w, b)
