@@ -2,10 +2,12 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# kernels/ is installed as autoglm_fast.kernels: a top-level `kernels` would shadow an unrelated
-# PyPI package of that name which transformers probes for.
+# kernels/ and benchmarks/ install under the package (autoglm_fast.kernels, autoglm_fast.benchmarks):
+# a top-level `kernels` would shadow an unrelated PyPI package of that name which transformers probes for.
+SUBDIRS = {"autoglm_fast.kernels": "kernels", "autoglm_fast.benchmarks": "benchmarks"}
 packages = find_packages(include=["autoglm_fast", "autoglm_fast.*"])
-packages += ["autoglm_fast.kernels"] + [f"autoglm_fast.kernels.{p}" for p in find_packages("kernels")]
+for name, folder in SUBDIRS.items():
+    packages += [name] + [f"{name}.{p}" for p in find_packages(folder)]
 
 serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19"]
 test = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "pillow>=10"]
@@ -18,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"autoglm_fast.kernels": "kernels"},
+    package_dir=SUBDIRS,
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "safetensors>=0.4"],
     extras_require={"serve": serve, "test": test, "dev": sorted(set(serve + test))},
     entry_points={"console_scripts": ["autoglm-fast=autoglm_fast.cli:main"]},

@@ -6,6 +6,7 @@ and reads registers / spills / shared memory from the cubin with the cuobjdump T
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
@@ -94,6 +95,30 @@ def compile_spec(spec: CompileSpec, target: str) -> CompileResult:
 def all_specs() -> list[CompileSpec]:
     from . import adapter_attention, gated_fusion, linear
     return [s for mod in (linear, adapter_attention, gated_fusion) for s in mod.compile_specs()]
+
+
+def _compile_job(job: tuple[int, str]) -> CompileResult:
+    index, target = job
+    return compile_spec(all_specs()[index], target)
+
+
+def compile_all(kernels: list[str] | None = None, targets: list[str] | None = None,
+                workers: int | None = None) -> list[CompileResult]:
+    """Compile every spec (optionally only some kernels / targets) in fresh worker processes.
+
+    Workers are spawned without TRITON_INTERPRET: under the interpreter @triton.jit functions
+    cannot be compiled, and `make test` sets it on GPU-less machines.
+    """
+    specs = all_specs()
+    jobs = [(i, t) for i, s in enumerate(specs) if not kernels or s.kernel in kernels for t in (targets or TARGETS)]
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers or min(4, os.cpu_count() or 1)) as pool:
+            return pool.map(_compile_job, jobs, chunksize=4)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def format_table(results: list[CompileResult]) -> str:

@@ -1,24 +1,14 @@
 """Every kernel compiles for sm_80 (A100), sm_89 (RTX 4090) and sm_90 (H100/H200) on this GPU-less
 machine, at each config its launcher can pick: shared memory within the target's limit and no
 register spills in the hot kernels. The table is printed into the test log."""
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import pytest
 
-from autoglm_fast.kernels.compile_matrix import TARGETS, all_specs, compile_spec, format_table
-
-
-def _compile(i_target):
-    i, target = i_target
-    return compile_spec(all_specs()[i], target)
+from autoglm_fast.kernels.compile_matrix import TARGETS, compile_all, format_table
 
 
 @pytest.fixture(scope="module")
 def results():
-    jobs = [(i, t) for i in range(len(all_specs())) for t in TARGETS]
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_compile, jobs, chunksize=4))
+    return compile_all()
 
 
 def test_every_kernel_compiles_for_every_target(results, capsys):

@@ -24,11 +24,15 @@ class FastDualPathAdapter(FastModule, DualPathAdapter):
             return DualPathAdapter.forward(self, x, key_padding_mask)
         if x.dim() != 3:
             raise ValueError(f"x must be [batch, seq, features], got shape {tuple(x.shape)}")
-        ln, attn, up, down = self.ln, self.attn, self.ffn[0], self.ffn[2]
+        up, down = self.ffn[0], self.ffn[2]
         h = fused_linear(x, self.proj.weight, self.proj.bias, epilogue="layernorm",
-                         ln_weight=ln.weight, ln_bias=ln.bias, eps=ln.eps)
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # plain GEMM: cuBLAS is the right tool
-        o = adapter_attention(qkv, attn.num_heads, key_padding_mask)
-        attn_out = F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
-        hidden = fused_linear(attn_out, up.weight, up.bias, epilogue="gelu")
+                         ln_weight=self.ln.weight, ln_bias=self.ln.bias, eps=self.ln.eps)
+        hidden = fused_linear(self.attn_block(h, key_padding_mask), up.weight, up.bias, epilogue="gelu")
         return fused_linear(hidden, down.weight, down.bias, epilogue="residual", residual=h)
+
+    def attn_block(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What `self.attn(h, h, h)[0]` computes: fused QKV GEMM, flash attention, out-projection."""
+        attn = self.attn
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # plain GEMMs: cuBLAS is the right tool
+        o = adapter_attention(qkv, attn.num_heads, key_padding_mask)
+        return F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
