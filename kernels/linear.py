@@ -35,15 +35,15 @@ LN_CONFIGS = [  # BLOCK_N is the whole row, set by the launcher
 
 
 @triton.jit
-def _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n,
-                 BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] tile of x @ W^T (W is [N, K], row-major)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
         a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
         if IEEE:  # fp32 inputs: full-precision products, not TF32
@@ -78,7 +78,8 @@ def linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, N, K, M_BUCKET, stride_x
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n, BLOCK_K, IEEE)
+    acc = _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                       IEEE)
     _epilogue_store(acc, b_ptr, r_ptr, y_ptr, M, N, stride_rm, stride_ym, offs_m, offs_n, HAS_BIAS, EPILOGUE)
 
 
@@ -90,7 +91,8 @@ def linear_layernorm_kernel(x_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, y_ptr, M, N, 
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)  # the whole row
     mask_n = offs_n < N
-    acc = _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n, BLOCK_K, IEEE)
+    acc = _linear_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K,
+                       IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     # Padding columns are exactly 0 (masked loads), so they drop out of the mean; mask them for the variance.
