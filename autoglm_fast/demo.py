@@ -39,6 +39,8 @@ def build_prompt(config: AutoGLMPhoneConfig, text_ids: list[int], num_audio_toke
 
 def run_demo(preset: str = "nano", prompt: str = "What is on the screen, and what do you hear?",
              max_new_tokens: int = 16, seed: int = 0) -> list[int]:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config = AutoGLMPhoneConfig.preset(preset)
     if config.text.vocab_size < 256:
         raise ValueError("the demo encodes text as UTF-8 bytes and needs a vocabulary of at least 256")
