@@ -38,6 +38,14 @@ def test_key_padding_mask_matches_reference_and_each_clip_alone(dtype):
         assert_close(got[i, :n], adapter_attention(clips[i][None], heads)[0], dtype, reduction=n)
 
 
+def test_a_full_30_second_audio_window():
+    """1500 positions (Whisper's 30 s) with a padded tail, on one small head to stay quick in the interpreter."""
+    qkv = randn(1, 1500, 3 * 16, dtype=torch.float16)
+    mask = torch.zeros(1, 1500, dtype=torch.bool, device=DEVICE)
+    mask[0, 1400:] = True
+    assert_close(adapter_attention(qkv, 1, mask), reference_attention(qkv, 1, mask), torch.float16, reduction=1400)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B, L", [(1, 257), (32, 257), (4, 375), (2, 1500)])
