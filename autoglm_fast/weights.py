@@ -48,7 +48,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
         if shards[-1] and size + nbytes > limit:
             shards.append({})
             size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().cpu()
+        if tensor.untyped_storage().nbytes() != nbytes or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view (fast modules fuse q/k/v)
+        shards[-1][name] = tensor
         size += nbytes
     for stale in directory.glob("model-*-of-*.safetensors"):  # shards of an earlier save
         stale.unlink()

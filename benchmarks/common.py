@@ -1,6 +1,8 @@
 """Timing, device ceilings and the roofline arithmetic shared by the benchmark runners."""
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -60,7 +62,6 @@ def measure_ceilings(smoke: bool = False) -> Ceilings:
     copy_ms = bench(lambda: dst.copy_(src))[0]
     a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
     mm_ms = bench(lambda: a @ a)[0]
-    del src, dst
     return Ceilings(torch.cuda.get_device_name(), bandwidth_gbs=2 * n * 2 / copy_ms / 1e6,
                     matmul_tflops=2 * 8192 ** 3 / mm_ms / 1e9)
 
@@ -84,3 +85,31 @@ def format_rows(rows: list[Row], c: Ceilings) -> str:
                      f"{d['gbs']:>8.1f} {d['tflops']:>8.2f} {d['roofline_pct']:>7.1f}% "
                      f"{d['speedup'].get('eager', float('nan')):>7.2f}x {d['speedup'].get('compile', float('nan')):>9.2f}x")
     return "\n".join(lines)
+
+
+def measure(case: str, shape: str, ours: Callable, eager: Callable, smoke: bool, bytes: int, flops: int) -> Row:
+    """One row: ours, eager and torch.compile of eager (not in smoke mode), median and 20/80 % quantiles."""
+    ms, q = {}, {}
+    for impl, fn in {"ours": ours, "eager": eager, "compile": compiled(eager, smoke)}.items():
+        if fn is not None:
+            med, lo, hi = bench(fn, smoke)
+            ms[impl], q[impl] = med, (lo, hi)
+    return Row(case, shape, ms, q, bytes, flops)
+
+
+def cli(doc: str, name: str, run: Callable[[bool], tuple[list[Row], Ceilings]], argv: list[str] | None) -> int:
+    """The shared command line of the runners: --json OUT, --smoke."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the rows and ceilings here")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one call each, any device")
+    args = p.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print(f"{name} measures on a CUDA GPU; none here (use --smoke to exercise the runner)")
+        return 0
+    rows, ceilings = run(args.smoke)
+    print(format_rows(rows, ceilings))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": asdict(ceilings), "rows": [r.to_dict(ceilings) for r in rows],
+                       "torch": torch.__version__}, f, indent=2)
+    return 0

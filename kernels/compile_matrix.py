@@ -35,8 +35,8 @@ class CompileSpec:
     @classmethod
     def from_config(cls, kernel: str, fn, signature: dict[str, str], constexprs: dict[str, object],
                     config: triton.Config, **kw) -> "CompileSpec":
-        return cls(kernel, getattr(fn, "fn", fn), signature, {**constexprs, **config.kwargs},
-                   config.num_warps, config.num_stages, **kw)
+        fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+        return cls(kernel, fn, signature, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages, **kw)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class CompileResult:  # plain data, so results can come back from worker process
     label: str
     target: str
     registers: int
-    spill_bytes: int       # LOCAL memory per thread: > 0 means register spills
+    spill_bytes: int       # ptxas's spill stores per thread: > 0 means register spills
     shared: int
     shared_limit: int
     errors: list[str] = field(default_factory=list)
@@ -58,18 +58,45 @@ class CompileResult:  # plain data, so results can come back from worker process
 def _ast_source(spec: CompileSpec) -> ASTSource:
     # Triton >= 3.3 takes constexprs separately and wants them in the signature as "constexpr".
     signature = {**spec.signature, **{k: "constexpr" for k in spec.constexprs}}
-    return ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs))
+    # What a real launch tells the compiler: tensors from the allocator are 16-byte aligned and the
+    # strides at the real shapes are multiples of 16 (without this, loads compile scalar and the
+    # register counts mean nothing).
+    names = list(spec.fn.arg_names)
+    aligned = [n for n, t in spec.signature.items() if t.startswith("*") or n.startswith("stride")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def spill_bytes(ptx: str, cc: int) -> int | None:
+    """Spill stores reported by `ptxas -v` for this PTX (None if ptxas can't tell).
+
+    The authoritative number: cuobjdump's STACK also counts frames that are not spills (e.g. the
+    local array of sin/cos's slow argument reduction). Triton >= 3.7 emits PTX for sm_90 that only
+    its `ptxas-blackwell` reads; Triton 3.6 ships just `ptxas`.
+    """
+    ptxas = next((p for p in (_tool("ptxas-blackwell"), _tool("ptxas")) if os.path.exists(p)), None)
+    if ptxas is None:
+        return None
+    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    found = re.findall(r"(\d+) bytes spill stores", out.stdout + out.stderr)
+    return sum(map(int, found)) if out.returncode == 0 and found else None
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
@@ -84,7 +111,10 @@ def compile_spec(spec: CompileSpec, target: str) -> CompileResult:
                              [f"compile failed: {type(e).__name__}: {e}"])
     usage = resource_usage(k.asm["cubin"])
     shared = max(int(k.metadata.shared), usage.get("SHARED", 0))
-    res = CompileResult(spec.kernel, spec.label, target, usage.get("REG", 0), usage.get("LOCAL", 0), shared, limit)
+    spills = spill_bytes(k.asm["ptx"], cc)
+    if spills is None:  # no usable ptxas: local memory is the conservative stand-in
+        spills = usage.get("LOCAL", 0) + usage.get("STACK", 0)
+    res = CompileResult(spec.kernel, spec.label, target, usage.get("REG", 0), spills, shared, limit)
     if shared > limit:
         res.errors.append(f"shared memory {shared} B > {limit} B")
     if spec.hot and res.spill_bytes:
@@ -93,8 +123,9 @@ def compile_spec(spec: CompileSpec, target: str) -> CompileResult:
 
 
 def all_specs() -> list[CompileSpec]:
-    from . import adapter_attention, gated_fusion, linear
-    return [s for mod in (linear, adapter_attention, gated_fusion) for s in mod.compile_specs()]
+    from . import adapter_attention, gated_fusion, linear, norms, paged_attention, rotary_cache
+    modules = (linear, adapter_attention, gated_fusion, norms, rotary_cache, paged_attention)
+    return [s for mod in modules for s in mod.compile_specs()]
 
 
 def _compile_job(job: tuple[int, str]) -> CompileResult:

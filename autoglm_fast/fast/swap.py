@@ -9,11 +9,17 @@ from torch import nn
 from ..kernels.utils import device_supported
 from ..reference.adapter import DualPathAdapter
 from ..reference.fusion import GatedFusion
+from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm
 from .adapter import FastDualPathAdapter
 from .fusion import FastGatedFusion
+from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastRMSNorm
 
-# reference class -> fast class; the backbone kernels add their pairs here.
-FAST_MODULES: dict[type, type] = {DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion}
+# reference class -> fast class (exact types: a subclass may change the math).
+FAST_MODULES: dict[type, type] = {
+    DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
+    GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention, GlmMLP: FastGlmMLP,
+    RMSNorm: FastRMSNorm,
+}
 
 
 @dataclass

@@ -27,6 +27,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rotary_inv_freq(rotary_dim: int, theta: float, device: torch.device | str | None = None) -> Tensor:
+    """fp32 [rotary_dim / 2] inverse frequencies, computed exactly as HF GLM does."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
+    return 1.0 / (theta ** exponents)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin for GLM's partial rotary: frequencies over `rotary_dim`, pairs interleaved."""
 
@@ -34,15 +40,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim, self.theta = config.rotary_dim, config.rope_theta
 
-    def inv_freq(self, device: torch.device | None = None) -> Tensor:
-        # Computed on the fly (a few dozen values) rather than kept as a buffer, so it stays fp32
-        # whatever dtype the model is cast to, and meta-device construction needs no re-init.
-        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device) / self.rotary_dim
-        return 1.0 / (self.theta ** exponents)
-
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [B, T] -> cos, sin [B, T, rotary_dim] in fp32, each frequency repeated for its pair."""
-        freqs = positions[..., None].float() * self.inv_freq(positions.device)
+        # inv_freq is computed on the fly (a few dozen values), not kept as a buffer, so it stays fp32
+        # whatever dtype the model is cast to, and meta-device construction needs no re-init.
+        freqs = positions[..., None].float() * rotary_inv_freq(self.rotary_dim, self.theta, positions.device)
         freqs = freqs.repeat_interleave(2, dim=-1)
         return freqs.cos(), freqs.sin()
 
@@ -84,6 +86,7 @@ class GlmAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -97,6 +100,9 @@ class GlmAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"GlmAttention takes a KVCache; a {type(cache).__name__} needs the fast attention "
+                            "(autoglm_fast.apply_fast_kernels(model))")
         if cache is not None:
             k, v = cache.update(positions, k, v)
             key_positions = torch.arange(k.shape[1], device=x.device)

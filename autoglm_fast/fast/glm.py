@@ -1,0 +1,100 @@
+"""Fast GLM backbone layers: drop-in twins of autoglm_fast/reference/glm.py on Triton kernels.
+
+    FastGlmAttention   fused qkv GEMM (cuBLAS) -> bias + partial RoPE + K/V written into the paged
+                       cache (one kernel) -> paged prefill (chunked, causal) or split-K decode attention
+    FastRMSNorm        RMSNorm, optionally with the residual add fused: s = x + r; y = norm(s)
+    FastGlmMLP         gate_up GEMM -> SwiGLU (one pass) -> down GEMM
+    FastGlmDecoderLayer  the layer wiring, with the post-attention residual add fused into its norm
+
+The attention kernels work on the paged KV cache (autoglm_fast/paged_cache.py). Without one (a
+plain full forward, or the reference's contiguous KVCache) FastGlmAttention runs the reference math.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels.norms import rms_norm, swiglu
+from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from ..kernels.rotary_cache import qkv_rope_cache_write
+from ..paged_cache import PagedLayerCache
+from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm, rotary_inv_freq
+from .base import FastModule
+
+
+class FastRMSNorm(FastModule, RMSNorm):
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """rmsnorm(x); with `residual`: (rmsnorm(x + residual), x + residual)."""
+        if not self.kernels_usable(x):
+            if residual is None:
+                return RMSNorm.forward(self, x)
+            s = x + residual
+            return RMSNorm.forward(self, s), s
+        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
+
+
+class FastGlmMLP(FastModule, GlmMLP):
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.kernels_usable(x):
+            return GlmMLP.forward(self, x)
+        return F.linear(swiglu(F.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+
+
+class FastGlmAttention(FastModule, GlmAttention):
+    @classmethod
+    def from_reference(cls, ref: GlmAttention) -> "FastGlmAttention":
+        """Fuse q/k/v into one [(Hq + 2 Hkv) D, hidden] weight; q_proj/k_proj/v_proj keep their names
+        and become views into it, so the state dict is unchanged and no weight is held twice.
+        (Swap after moving the model to its device and dtype: a later .to() copies views apart.)"""
+        fast = super().from_reference(ref)
+        projections = (fast.q_proj, fast.k_proj, fast.v_proj)
+        fused_w = torch.cat([p.weight.detach() for p in projections])
+        has_bias = fast.q_proj.bias is not None
+        fused_b = torch.cat([p.bias.detach() for p in projections]) if has_bias else None
+        start = 0
+        for p in projections:
+            n = p.weight.shape[0]
+            p.weight = torch.nn.Parameter(fused_w[start:start + n], requires_grad=p.weight.requires_grad)
+            if has_bias:
+                p.bias = torch.nn.Parameter(fused_b[start:start + n], requires_grad=p.bias.requires_grad)
+            start += n
+        fast.register_buffer("qkv_weight", fused_w, persistent=False)
+        fast.register_buffer("qkv_bias", fused_b, persistent=False)
+        fast._inv_freq = {}
+        return fast
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """fp32 rotary frequencies, made once per device (kept out of buffers so .half() can't round them)."""
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rotary_inv_freq(self.rotary_dim, self.rope_theta, device)
+        return self._inv_freq[device]
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
+        if not isinstance(cache, PagedLayerCache) or not self.kernels_usable(x):
+            return GlmAttention.forward(self, x, cos, sin, positions, cache)
+        meta = cache.meta
+        B, T, hidden = x.shape
+        if B * T != meta.positions.shape[0]:
+            raise ValueError(f"the step's metadata describes {meta.positions.shape[0]} tokens, the input has {B * T}")
+        qkv = F.linear(x.reshape(B * T, hidden), self.qkv_weight)  # the bias is added by the epilogue
+        q = qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions, meta.slot_mapping, self.inv_freq(x.device),
+                                 cache.k_pool, cache.v_pool, self.num_heads, self.num_kv_heads, self.head_dim)
+        if meta.is_decode:
+            o = paged_decode_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
+                                       meta.max_seq_len)
+        else:
+            o = paged_prefill_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, meta.max_query_len)
+        return F.linear(o.reshape(B, T, -1), self.o_proj.weight)
+
+
+class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        if isinstance(self.post_attention_layernorm, FastRMSNorm):
+            h, x = self.post_attention_layernorm(h, residual=x)  # x = x + h and its norm, in one pass
+        else:
+            x = x + h
+            h = self.post_attention_layernorm(x)
+        return x + self.mlp(h)

@@ -1,0 +1,144 @@
+"""RMSNorm with an optional fused residual add, and the SwiGLU activation of GLM's MLP.
+
+rms_norm: one program per row reads x (and the residual), writes s = x + residual once (rounded to
+the dtype, as the reference's add is) and y = weight * rmsnorm(s) with the reference's roundings:
+normalize in fp32, cast to the dtype, then the weight multiply rounded to the dtype.
+swiglu: out = silu(gate) * up from the fused gate_up projection [..., 2I] in one pass, in fp32.
+Eager references: `reference_rms_norm`, `reference_swiglu` (autoglm_fast/reference/glm.py's math).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .utils import as_rows, check_shape, check_tensor
+
+SWIGLU_BLOCK = 1024
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, H, eps, stride_x, stride_y, stride_r, stride_s,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    m = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # Round the sum to the dtype first: the reference adds in the dtype and normalizes the rounded sum.
+        # The whole row is in registers before the store, so s_ptr may alias r_ptr (in-place residual).
+        s = (x + tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s + offs, s, mask=m)
+        x = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x) / H + eps)
+    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # cast before the weight, as HF does
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (w * normed).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def swiglu_kernel(x_ptr, y_ptr, I, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < I
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + I + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _norm_warps(block_h: int) -> int:
+    return min(16, max(1, block_h // 512))  # ~16 fp32 values of the row per thread
+
+
+def _rows_like(name: str, t, x: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, t, like=x)
+    check_shape(name, t, tuple(x.shape))
+    return as_rows(name, t, x.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """x [..., H], weight [H] -> y; with a residual -> (y, residual_out) where residual_out = x + residual
+    (a new tensor unless given; passing `residual` itself updates it in place) and y = rmsnorm of it."""
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    H = x.shape[-1]
+    check_tensor("weight", weight, ndim=1, like=x)
+    check_shape("weight", weight, (H,))
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if residual is None and residual_out is not None:
+        raise ValueError("residual_out was given without a residual")
+    x2 = as_rows("x", x, H)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y2 = _rows_like("out", out, x)
+    r2 = s2 = x2
+    if residual is not None:
+        r2 = _rows_like("residual", residual, x)
+        if residual_out is None:
+            residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        s2 = _rows_like("residual_out", residual_out, x)
+    if x2.shape[0] and H:
+        block_h = triton.next_power_of_2(H)
+        rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, r2, s2, H, float(eps), x2.stride(0), y2.stride(0),
+                                        r2.stride(0), s2.stride(0), HAS_RESIDUAL=residual is not None,
+                                        BLOCK_H=block_h, num_warps=_norm_warps(block_h))
+    return out if residual is None else (out, residual_out)
+
+
+def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [..., 2I] (gate | up) -> silu(gate) * up [..., I]."""
+    check_tensor("gate_up", gate_up)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must be [..., 2 * I], got shape {tuple(gate_up.shape)}")
+    I = gate_up.shape[-1] // 2
+    x2 = as_rows("gate_up", gate_up, 2 * I)
+    shape = (*gate_up.shape[:-1], I)
+    if out is None:
+        out = torch.empty(shape, dtype=gate_up.dtype, device=gate_up.device)
+    check_tensor("out", out, like=gate_up)
+    check_shape("out", out, shape)
+    y2 = as_rows("out", out, I)
+    if x2.shape[0] and I:
+        block = min(SWIGLU_BLOCK, triton.next_power_of_2(I))
+        swiglu_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, y2, I, x2.stride(0), y2.stride(0), BLOCK=block,
+                                                            num_warps=4 if block >= 512 else 1)
+    return out
+
+
+def reference_rms_norm(x, weight, eps, residual=None):
+    """Eager RMSNorm of autoglm_fast/reference/glm.py, after the decoder layer's `residual + h` add."""
+    s = x if residual is None else residual + x
+    x32 = s.float()
+    y = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return y if residual is None else (y, s)
+
+
+def reference_swiglu(gate_up):
+    """GlmMLP's activation: up * silu(gate), gate = first half of the gate_up_proj output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def compile_specs():
+    from .compile_matrix import CompileSpec
+    hidden, intermediate = 3584, 26880  # GLM-4-9B
+    block_h = triton.next_power_of_2(hidden)
+    block = min(SWIGLU_BLOCK, triton.next_power_of_2(intermediate))
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        ptr = f"*{dtype}"
+        sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "r_ptr": ptr, "s_ptr": ptr, "H": "i32", "eps": "fp32",
+               "stride_x": "i32", "stride_y": "i32", "stride_r": "i32", "stride_s": "i32"}
+        for res in (False, True):
+            specs.append(CompileSpec("rms_norm", rms_norm_kernel, sig, {"HAS_RESIDUAL": res, "BLOCK_H": block_h},
+                                     num_warps=_norm_warps(block_h), num_stages=1,
+                                     label=f"{dtype} H={hidden} {'+residual' if res else 'plain'} "
+                                           f"w{_norm_warps(block_h)}"))
+        sig = {"x_ptr": ptr, "y_ptr": ptr, "I": "i32", "stride_x": "i32", "stride_y": "i32"}
+        specs.append(CompileSpec("swiglu", swiglu_kernel, sig, {"BLOCK": block}, num_warps=4, num_stages=1,
+                                 label=f"{dtype} I={intermediate} block {block} w4"))
+    return specs

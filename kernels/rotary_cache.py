@@ -1,0 +1,168 @@
+"""QKV epilogue: bias add + GLM partial interleaved rotary on q and k + paged K/V cache write, one pass.
+
+The fused q|k|v GEMM output (no bias) is read once per token; q goes to `q_out` [tokens, heads, head_dim],
+k and v go straight into the pools [num_blocks, block_size, kv_heads, head_dim] at `slot_mapping[token]`
+(no intermediate K/V tensors, the pools are written in place through their strides). The angle is
+position * inv_freq in fp32 exactly as the reference computes it; the rotation is done in fp32.
+Eager reference: `reference_qkv_rope_cache_write` (autoglm_fast/reference/glm.py's apply_rotary math).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import check_shape, check_tensor
+
+PAIRS_PER_PROGRAM = 512  # a program takes this many (even, odd) pairs: 8 heads of 128 channels
+
+
+@triton.jit
+def qkv_rope_cache_kernel(qkv_ptr, bias_ptr, pos_ptr, slot_ptr, inv_freq_ptr, q_ptr, k_ptr, v_ptr,
+                          num_heads, num_kv_heads, block_size, stride_xt, stride_qt, stride_qh,
+                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                          HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HEADS: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    # Program (token, group): heads [group * HEADS, +HEADS) of the row's q | k | v heads. Channels are
+    # loaded as even / odd halves so the interleaved pairs (x0, x1), (x2, x3)... line up elementwise.
+    tok = tl.program_id(0)
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    i = tl.arange(0, HALF_BLOCK)
+    n_qk = num_heads + num_kv_heads
+    valid = (h < n_qk + num_kv_heads)[:, None] & (i < HEAD_DIM // 2)[None, :]
+    col = h[:, None] * HEAD_DIM + 2 * i[None, :]
+    row = qkv_ptr + tok.to(tl.int64) * stride_xt
+    even = tl.load(row + col, mask=valid, other=0.0).to(tl.float32)
+    odd = tl.load(row + col + 1, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        even += tl.load(bias_ptr + col, mask=valid, other=0.0).to(tl.float32)
+        odd += tl.load(bias_ptr + col + 1, mask=valid, other=0.0).to(tl.float32)
+    # Same fp32 product as the reference's positions.float() * inv_freq, so the angle matches bit for bit.
+    freq = tl.load(pos_ptr + tok).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < ROT_PAIRS, other=0.0)
+    cos, sin = tl.cos(freq)[None, :], tl.sin(freq)[None, :]
+    rot = (h < n_qk)[:, None] & (i < ROT_PAIRS)[None, :]  # q and k heads, first rotary_dim channels
+    out_even = tl.where(rot, even * cos - odd * sin, even)
+    out_odd = tl.where(rot, odd * cos + even * sin, odd)
+
+    is_q = valid & (h < num_heads)[:, None]
+    q_dst = q_ptr + tok.to(tl.int64) * stride_qt + h[:, None] * stride_qh + 2 * i[None, :]
+    tl.store(q_dst, out_even.to(q_ptr.dtype.element_ty), mask=is_q)
+    tl.store(q_dst + 1, out_odd.to(q_ptr.dtype.element_ty), mask=is_q)
+    slot = tl.load(slot_ptr + tok)  # int64: block * stride_kb stays exact in huge pools
+    block, offset = slot // block_size, slot % block_size
+    kv = h - num_heads
+    is_k = valid & ((kv >= 0) & (kv < num_kv_heads))[:, None]
+    k_dst = k_ptr + block * stride_kb + offset * stride_ks + kv[:, None] * stride_kh + 2 * i[None, :]
+    tl.store(k_dst, out_even.to(k_ptr.dtype.element_ty), mask=is_k)
+    tl.store(k_dst + 1, out_odd.to(k_ptr.dtype.element_ty), mask=is_k)
+    vh = kv - num_kv_heads
+    is_v = valid & (vh >= 0)[:, None]
+    v_dst = v_ptr + block * stride_vb + offset * stride_vs + vh[:, None] * stride_vh + 2 * i[None, :]
+    tl.store(v_dst, out_even.to(v_ptr.dtype.element_ty), mask=is_v)
+    tl.store(v_dst + 1, out_odd.to(v_ptr.dtype.element_ty), mask=is_v)
+
+
+def _launch_config(total_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(HEADS per program, HALF_BLOCK, num_warps) for a head layout."""
+    half_block = triton.next_power_of_2(head_dim // 2)
+    heads = min(triton.next_power_of_2(total_heads), max(1, PAIRS_PER_PROGRAM // half_block))
+    return heads, half_block, 4 if heads * half_block >= 512 else (2 if heads * half_block >= 128 else 1)
+
+
+def _check_index(name: str, t, num_tokens: int) -> None:
+    check_tensor(name, t, ndim=1, dtypes=(torch.int64,))
+    check_shape(name, t, (num_tokens,))
+
+
+def qkv_rope_cache_write(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                         slot_mapping: torch.Tensor, inv_freq: torch.Tensor, k_pool: torch.Tensor,
+                         v_pool: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                         q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [tokens, (heads + 2 kv_heads) * head_dim] -> q [tokens, heads, head_dim]; k, v written to the pools.
+
+    bias: [(heads + 2 kv_heads) * head_dim] or None. positions, slot_mapping: int64 [tokens] (slots must be
+    in range: the caller's responsibility). inv_freq: fp32 [rotary_dim / 2]. Pools:
+    [num_blocks, block_size, kv_heads, head_dim] in qkv's dtype, updated in place.
+    """
+    for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (rotary works on pairs), got {head_dim}")
+    check_tensor("qkv", qkv, ndim=2)
+    T, width = qkv.shape
+    total_heads = num_heads + 2 * num_kv_heads
+    if width != total_heads * head_dim:
+        raise ValueError(f"qkv has width {width} but (num_heads + 2 * num_kv_heads) * head_dim = "
+                         f"{total_heads * head_dim}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=qkv)
+        check_shape("bias", bias, (width,))
+    _check_index("positions", positions, T)
+    _check_index("slot_mapping", slot_mapping, T)
+    check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,))
+    if 2 * inv_freq.numel() > head_dim:
+        raise ValueError(f"inv_freq has {inv_freq.numel()} frequencies: rotary_dim {2 * inv_freq.numel()} "
+                         f"> head_dim {head_dim}")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        check_tensor(name, pool, ndim=4, like=qkv)
+        if pool.shape[2:] != (num_kv_heads, head_dim):
+            raise ValueError(f"{name} must be [num_blocks, block_size, {num_kv_heads}, {head_dim}], "
+                             f"got {tuple(pool.shape)}")
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"v_pool has shape {tuple(v_pool.shape)} but k_pool has {tuple(k_pool.shape)}")
+    if q_out is None:
+        q_out = torch.empty(T, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    check_tensor("q_out", q_out, ndim=3, like=qkv)
+    check_shape("q_out", q_out, (T, num_heads, head_dim))
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping), ("inv_freq", inv_freq)):
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {qkv.device}")
+    if T == 0:
+        return q_out
+    heads, half_block, warps = _launch_config(total_heads, head_dim)
+    grid = (T, triton.cdiv(total_heads, heads))
+    qkv_rope_cache_kernel[grid](
+        qkv, bias if bias is not None else qkv, positions, slot_mapping, inv_freq, q_out, k_pool, v_pool,
+        num_heads, num_kv_heads, k_pool.shape[1], qkv.stride(0), q_out.stride(0), q_out.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        HEAD_DIM=head_dim, ROT_PAIRS=inv_freq.numel(), HAS_BIAS=bias is not None, HEADS=heads,
+        HALF_BLOCK=half_block, num_warps=warps)
+    return q_out
+
+
+def reference_qkv_rope_cache_write(qkv, bias, positions, slot_mapping, inv_freq, k_pool, v_pool,
+                                   num_heads, num_kv_heads, head_dim):
+    """Eager: bias add and apply_rotary in the model dtype (as GlmAttention), then index-put into the pools."""
+    from autoglm_fast.reference.glm import apply_rotary
+    T = qkv.shape[0]
+    x = qkv + bias if bias is not None else qkv
+    q, k, v = x.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    freqs = (positions.float()[:, None] * inv_freq).repeat_interleave(2, dim=-1)[None]  # [1, T, rotary_dim]
+    cos, sin = freqs.cos(), freqs.sin()
+    q = apply_rotary(q.reshape(1, T, num_heads, head_dim), cos, sin)[0]
+    k = apply_rotary(k.reshape(1, T, num_kv_heads, head_dim), cos, sin)[0]
+    bs = k_pool.shape[1]
+    k_pool[slot_mapping // bs, slot_mapping % bs] = k
+    v_pool[slot_mapping // bs, slot_mapping % bs] = v.reshape(T, num_kv_heads, head_dim)
+    return q
+
+
+def compile_specs():
+    from .compile_matrix import CompileSpec
+    num_heads, num_kv_heads, head_dim, rot_pairs = 28, 2, 128, 32  # GLM-4-9B: rotary_dim 64, block_size 32
+    heads, half_block, warps = _launch_config(num_heads + 2 * num_kv_heads, head_dim)
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        ptr = f"*{dtype}"
+        sig = {"qkv_ptr": ptr, "bias_ptr": ptr, "pos_ptr": "*i64", "slot_ptr": "*i64", "inv_freq_ptr": "*fp32",
+               "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "num_heads": "i32", "num_kv_heads": "i32",
+               "block_size": "i32", **{s: "i32" for s in ("stride_xt", "stride_qt", "stride_qh", "stride_kb",
+                                                          "stride_ks", "stride_kh", "stride_vb", "stride_vs",
+                                                          "stride_vh")}}
+        for has_bias in (True, False):
+            specs.append(CompileSpec("qkv_rope_cache", qkv_rope_cache_kernel, sig,
+                                     {"HEAD_DIM": head_dim, "ROT_PAIRS": rot_pairs, "HAS_BIAS": has_bias,
+                                      "HEADS": heads, "HALF_BLOCK": half_block}, num_warps=warps, num_stages=1,
+                                     label=f"{dtype} 28/2x128 rot64 {'bias' if has_bias else 'no bias'} w{warps}"))
+    return specs

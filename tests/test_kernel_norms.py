@@ -1,0 +1,107 @@
+"""rms_norm (plain, + fused residual add, in place) and swiglu vs their eager references and GLM's modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoglm_fast.kernels.norms import reference_rms_norm, reference_swiglu, rms_norm, swiglu
+from autoglm_fast.reference.glm import RMSNorm
+from kernel_harness import ALL_DTYPES, DEVICE, assert_close, nan_like, randn, requires_kernels
+
+pytestmark = requires_kernels
+EPS = 1.5625e-7  # GLM's rms_norm_eps
+
+
+def _norm_inputs(rows, H, dtype, seed=0):
+    torch.manual_seed(seed)
+    x = randn(rows, H + 5, dtype=dtype)[:, :H]  # a row stride wider than the row
+    return x, randn(rows, H, dtype=dtype), (1 + 0.1 * torch.randn(H, device=DEVICE)).to(dtype)
+
+
+# The weight multiply rounds a rounded normed value: two roundings of the dtype (one more in the
+# interpreter's truncating bf16 casts), hence reduction 4 (atol 2 * rtol).
+@pytest.mark.parametrize("dtype", ALL_DTYPES)  # no dots: bf16 runs in the interpreter (upcast to fp32)
+@pytest.mark.parametrize("rows", [1, 16, 33])
+@pytest.mark.parametrize("H", [72, 1041])
+@pytest.mark.parametrize("mode", ["plain", "residual", "in_place"])
+def test_rms_norm_matches_reference(dtype, rows, H, mode):
+    x, residual, w = _norm_inputs(rows, H, dtype, seed=rows + H)
+    out = nan_like((rows, H), dtype)
+    if mode == "plain":
+        got = rms_norm(x, w, EPS, out=out)
+        assert got is out
+        assert_close(got, reference_rms_norm(x, w, EPS), dtype, reduction=4)
+        return
+    ref_y, ref_s = reference_rms_norm(x, w, EPS, residual=residual)
+    res_out = residual if mode == "in_place" else nan_like((rows, H), dtype)
+    y, s = rms_norm(x, w, EPS, residual=residual, out=out, residual_out=res_out)
+    assert y is out and s is res_out
+    assert_close(s, ref_s, dtype)
+    assert_close(y, ref_y, dtype, reduction=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_real_hidden(dtype):
+    x, residual, w = _norm_inputs(3, 3584, dtype, seed=1)
+    ref_y, ref_s = reference_rms_norm(x, w, EPS, residual=residual)
+    y, s = rms_norm(x.reshape(1, 3, 3584), w, EPS, residual=residual.reshape(1, 3, 3584))  # 3-D, new outputs
+    assert y.shape == s.shape == (1, 3, 3584)
+    assert_close(s[0], ref_s, dtype)
+    assert_close(y[0], ref_y, dtype, reduction=4)
+
+
+def test_rms_norm_matches_glm_module_fp32():
+    x, _, w = _norm_inputs(7, 72, torch.float32)
+    module = RMSNorm(72, EPS).to(DEVICE)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        torch.testing.assert_close(rms_norm(x, w, EPS), module(x), rtol=1.3e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 33])
+@pytest.mark.parametrize("I", [72, 1041])  # 1041: two column tiles, the second ragged
+def test_swiglu_matches_reference(dtype, rows, I):
+    torch.manual_seed(rows + I)
+    gate_up = randn(rows, 2 * I + 3, dtype=dtype, scale=3.0)[:, : 2 * I]
+    out = nan_like((rows, I), dtype)
+    assert swiglu(gate_up, out=out) is out
+    # The reference rounds silu(gate) before the product: one extra rounding (reduction 4).
+    assert_close(out, reference_swiglu(gate_up), dtype, reduction=4)
+
+
+def test_swiglu_matches_glm_mlp_activation_fp32():
+    gate_up = randn(2, 5, 2 * 40, scale=3.0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(gate_up), up * F.silu(gate), rtol=1.3e-6, atol=1e-6)
+
+
+def test_bad_inputs_name_the_argument():
+    x, residual, w = _norm_inputs(4, 8, torch.float32)
+    with pytest.raises(ValueError, match="weight must have shape \\(8,\\)"):
+        rms_norm(x, w[:7], EPS)
+    with pytest.raises(TypeError, match="weight has dtype torch.float16"):
+        rms_norm(x, w.half(), EPS)
+    with pytest.raises(ValueError, match="residual must have shape \\(4, 8\\)"):
+        rms_norm(x, w, EPS, residual=residual[:3])
+    with pytest.raises(TypeError, match="residual_out has dtype torch.float16"):
+        rms_norm(x, w, EPS, residual=residual, residual_out=residual.half())
+    with pytest.raises(ValueError, match="residual_out was given without a residual"):
+        rms_norm(x, w, EPS, residual_out=residual)
+    with pytest.raises(ValueError, match="out must have shape"):
+        rms_norm(x, w, EPS, out=nan_like((4, 9), torch.float32))
+    with pytest.raises(ValueError, match="eps must be"):
+        rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match="x with shape .* cannot be viewed as rows"):
+        rms_norm(randn(3, 2, 8).transpose(0, 1), w, EPS)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        rms_norm(torch.ones(4, 8, dtype=torch.long, device=DEVICE), w, EPS)
+    with pytest.raises(ValueError, match="gate_up must be \\[..., 2 \\* I\\]"):
+        swiglu(randn(4, 7))
+    with pytest.raises(ValueError, match="out must have shape \\(4, 4\\)"):
+        swiglu(randn(4, 8), out=nan_like((4, 8), torch.float32))
+    with pytest.raises(TypeError, match="out has dtype torch.float16"):
+        swiglu(randn(4, 8), out=nan_like((4, 4), torch.float16))
+    with pytest.raises(ValueError, match="gate_up must have a unit stride"):
+        swiglu(randn(8, 4).T)
+    with pytest.raises(ValueError, match="gate_up is on meta"):
+        swiglu(torch.empty(4, 8, device="meta"))
