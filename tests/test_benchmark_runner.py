@@ -27,3 +27,12 @@ def test_adapter_runner_smoke(tmp_path):
     cases = {r["case"] for r in out["rows"]}
     assert {"vision proj+LN", "audio proj+LN", "vision attention", "vision adapter", "gated fusion"} <= cases
     assert all(r["ms"]["ours"] > 0 and r["ms"]["eager"] > 0 for r in out["rows"])
+
+
+@requires_kernels
+def test_backbone_runner_smoke(tmp_path):
+    from autoglm_fast.benchmarks import backbone
+    assert backbone.main(["--smoke", "--json", str(tmp_path / "out.json")]) == 0
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert {"decode attention", "prefill attention", "rmsnorm+residual", "swiglu"} <= {r["case"] for r in rows}
+    assert all(r["ms"]["ours"] > 0 and r["ms"]["eager"] > 0 for r in rows)
