@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash import softmax_step
 from .utils import autotune, check_shape, check_tensor
 
 ATTN_CONFIGS = [
@@ -56,15 +57,7 @@ def adapter_attention_kernel(qkv_ptr, mask_ptr, o_ptr, L, L_BUCKET, stride_qb, s
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2 domain: qk_scale has log2(e)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, IEEE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with every key padded gives 0 (torch: NaN)
     o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + offs_m[:, None] * stride_ol + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < L) & mask_d[None, :])

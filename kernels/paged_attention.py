@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .flash import softmax_step
 from .utils import autotune, check_shape, check_tensor
 
 # At head_dim 128 none spills on sm_80/89/90 when compiled as launched (pointers and strides divisible by 16);
@@ -76,15 +77,7 @@ def _attend(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, lo, hi, qk_scale, s
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, IEEE)
     return acc, l_i, m_i
 
 
