@@ -42,13 +42,16 @@ class PagedAttentionMetadata:
 
 class PagedKVCache:
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int = 32,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu", with_pools: bool = True):
+        """with_pools=False: only the block accounting (the eager backend keeps its own caches but
+        schedules exactly like the fast one)."""
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.config, self.block_size, self.num_blocks = config, block_size, num_blocks
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim) if with_pools else (0,)
+        self.device = torch.device(device)
         self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
@@ -116,7 +119,7 @@ class PagedKVCache:
         loc = [0]
         for n in num_new_tokens:
             loc.append(loc[-1] + n)
-        dev = self.k_pools[0].device
+        dev = self.device
         as_t = lambda x, dt: torch.tensor(x, dtype=dt, device=dev)  # noqa: E731
         return PagedAttentionMetadata(
             block_tables=as_t([t + [0] * (width - len(t)) for t in tables], torch.int32),

@@ -103,8 +103,8 @@ class AutoGLMPhoneForCausalLM(nn.Module):
         return load_hf_weights(self, path, part=part, **kwargs)
 
     def parameter_counts(self) -> dict[str, int]:
-        counts = {part: sum(p.numel() for m in mods for p in getattr(self, m).parameters())
-                  for part, mods in PARTS.items()}
+        counts = {part: sum(p.numel() for m in mods if getattr(self, m) is not None
+                                for p in getattr(self, m).parameters()) for part, mods in PARTS.items()}
         counts["total"] = sum(counts.values())
         return counts
 

@@ -1,0 +1,7 @@
+"""The inference engine: continuous batching on the paged KV cache, sampling, streaming."""
+from ..sampling import SamplingParams
+from .engine import Engine
+from .request import RequestOutput
+from .scheduler import SchedulerConfig
+
+__all__ = ["Engine", "RequestOutput", "SamplingParams", "SchedulerConfig"]

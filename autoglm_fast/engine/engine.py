@@ -1,0 +1,301 @@
+"""`Engine`: continuous batching over the paged KV cache, sampling, streaming.
+
+    engine = Engine.from_preset("nano")                        # or Engine.from_pretrained(dir)
+    for out in engine.stream(messages=[{"role": "user", "content": "hi"}]):
+        print(out.text, end="")
+
+Requests join and leave between steps; each step runs every decoding request's next token and
+spends the rest of the token budget on prefill chunks (see scheduler.py). Media are preprocessed
+when a request is added (bad media fail that request alone) and encoded once, at its first step.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Iterator
+
+import torch
+
+from ..chat import render_chat
+from ..config import AutoGLMPhoneConfig
+from ..kernels.utils import device_supported
+from ..paged_cache import PagedKVCache
+from ..reference.audio_processing import load_audio, preprocess_audio
+from ..reference.image_processing import load_image, preprocess_images
+from ..reference.model import AutoGLMPhoneForCausalLM
+from ..sampling import Sampler, SamplingParams, make_generator
+from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from .request import Request, RequestOutput, Status
+from .runner import FastRunner, ReferenceRunner
+from .scheduler import Scheduler, SchedulerConfig
+
+
+class Engine:
+    def __init__(self, model: AutoGLMPhoneForCausalLM, tokenizer: Tokenizer | None = None, *,
+                 backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
+                 scheduler: SchedulerConfig | None = None):
+        param = model.lm_head.weight
+        self.device, self.dtype = param.device, param.dtype
+        backend = backend or ("fast" if device_supported(self.device) else "reference")
+        if backend not in ("fast", "reference"):
+            raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+        self.model, self.config, self.backend = model.eval(), model.config, backend
+        self.tokenizer = tokenizer or load_tokenizer(None, model.config)
+        self.sched_config = scheduler or SchedulerConfig()
+        text = self.config.text
+        if num_blocks is None:  # room for every sequence at full length by default
+            per_seq = -(-self.sched_config.max_model_len // block_size)
+            num_blocks = per_seq * self.sched_config.max_num_seqs
+        self.cache = PagedKVCache(text, num_blocks, block_size, self.dtype, self.device,
+                                  with_pools=backend == "fast")
+        if backend == "fast":
+            from ..fast import apply_fast_kernels
+            apply_fast_kernels(model)
+            self.runner = FastRunner(model, self.cache)
+        else:
+            self.runner = ReferenceRunner(model, self.cache, self.sched_config.max_model_len)
+        self.scheduler = Scheduler(self.sched_config, self.cache)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                    device: str | None = None, load_vision: bool = True, load_audio: bool = True,
+                    **kwargs) -> "Engine":
+        """A preset with seeded random weights (benchmarks, tests, demos)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        model = AutoGLMPhoneForCausalLM.from_config(AutoGLMPhoneConfig.preset(name), seed=seed, dtype=dtype,
+                                                    device=device)
+        _drop_modalities(model, load_vision, load_audio)
+        return cls(model, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None, device: str | None = None,
+                        load_vision: bool = True, load_audio: bool = True, **kwargs) -> "Engine":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoGLMPhoneForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
+        _drop_modalities(model, load_vision, load_audio)
+        return cls(model, load_tokenizer(directory, model.config), **kwargs)
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
+                    messages: list[dict] | None = None, images=(), audio=(), enable_thinking: bool = True,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. `prompt` is text (media blocks are put before it) or token
+        ids (placeholders included); `messages` are OpenAI-style chat messages whose image / audio
+        parts carry the media under "image" / "audio" (a path, bytes, a PIL image or samples).
+        Raises ValueError / TypeError for bad input; nothing is queued then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt and messages")
+        images, clips = list(images), [self._waveform(c) for c in audio]
+        if messages is not None:
+            ids, images, clips = self._render(messages, enable_thinking)
+        elif isinstance(prompt, str):
+            ids = self._media_block(images, clips) + self.tokenizer.encode(prompt, allow_special=False)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        limit = self.sched_config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}")
+        if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.num_blocks:
+            raise ValueError(f"the prompt ({len(ids)} tokens) does not fit in the KV cache")
+        req = Request(request_id, ids, params, media=self._preprocess(images, clips))
+        if params.seed is not None:
+            req.generator = make_generator(params.seed, self.device)
+        req.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and req.status is not Status.FINISHED:
+            req.finish("abort")
+            self._release(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return an output for every request that moved (or finished)."""
+        plan = self.scheduler.schedule()
+        for req in plan.preempted:
+            self.runner.release(req)
+        requests, counts = [], []
+        for req, n in zip(plan.requests, plan.num_tokens):
+            if req.prompt_embeds is None and not self._admit(req):
+                continue
+            requests.append(req)
+            counts.append(n)
+        outputs = [self._finalize(r) for r in list(self.requests.values()) if r.status is Status.FINISHED]
+        if not requests:
+            return outputs
+        logits = self.runner.run(requests, counts)
+        for req, n in zip(requests, counts):
+            req.num_computed += n
+        done = [i for i, r in enumerate(requests) if r.remaining == 0]  # the prompt (or chunk) is all in
+        if done:
+            picked = [requests[i] for i in done]
+            out = self.sampler.sample(logits[done], [r.params for r in picked], [r.prompt_ids for r in picked],
+                                      [r.output_ids for r in picked], [r.generator for r in picked])
+            for j, req in enumerate(picked):
+                self._append(req, int(out.tokens[j]), out, j)
+                outputs.append(self._finalize(req) if req.status is Status.FINISHED else req.take_output())
+        return outputs
+
+    def _admit(self, req: Request) -> bool:
+        """Encoders and adapters once per request, then splice + fuse the whole prompt."""
+        try:
+            m, model = req.media, self.model
+            images = model.encode_images(m["pixel_values"].to(self.device)) if "pixel_values" in m else None
+            audio = (model.encode_audio(m["input_features"].to(self.device), m["num_samples"])
+                     if "input_features" in m else None)
+            ids = torch.tensor([req.prompt_ids], device=self.device)
+            embeds, req.context = model.embed(ids, images, audio)
+            req.prompt_embeds = embeds[0]
+            return True
+        except (ValueError, TypeError, RuntimeError) as e:
+            req.finish("error", f"{type(e).__name__}: {e}")
+            self._release(req)
+            return False
+
+    def _append(self, req: Request, token: int, out, row: int) -> None:
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.output_ids.append(token)
+        if p.logprobs is not None:
+            req.pending_logprobs.append({"token_id": token, "logprob": float(out.logprobs[row]),
+                                         "top": out.top_logprobs[row] if out.top_logprobs else []})
+        is_eos = token in self.tokenizer.eos_token_ids and not p.ignore_eos
+        before = len(req.text)
+        if not is_eos:
+            req.text += req.detokenizer.push(token)
+        hit = _find_stop(req.text, p.stop, before)
+        if hit is not None:
+            req.text = req.text[:hit]
+            req.finish("stop")
+        elif is_eos or token in p.stop_token_ids:
+            req.finish("stop")
+        elif len(req.output_ids) >= p.max_tokens or req.total_len >= self.sched_config.max_model_len:
+            req.finish("length")
+        if req.status is Status.FINISHED and req.finish_reason != "stop":
+            req.text += req.detokenizer.flush()
+
+    def _finalize(self, req: Request) -> RequestOutput:
+        self._release(req)
+        self.requests.pop(req.request_id, None)
+        return req.take_output()
+
+    def _release(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.runner.release(req)
+
+    # ---- convenience -------------------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 **kwargs) -> list[RequestOutput]:
+        """Run prompts to completion (batched); one final output each, with the full text and tokens."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, **kwargs) for p, sp in zip(prompts, params_list)]
+        results = {i: RequestOutput(i, "", []) for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in results:
+                    _merge(results[out.request_id], out)
+        return [results[i] for i in ids]
+
+    def stream(self, prompt=None, params: SamplingParams | None = None, **kwargs) -> Iterator[RequestOutput]:
+        """Yield this request's incremental outputs (other queued requests progress alongside)."""
+        rid = self.add_request(prompt, params, **kwargs)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(rid)  # a consumer that stops early frees the request
+
+    # ---- input preparation ----------------------------------------------------------------------------
+    def _render(self, messages, enable_thinking):
+        images, clips = [], []
+
+        def media_tokens(part):
+            kind = "image" if part.get("type") in ("image", "image_url") else "audio"
+            data = part.get(kind, part.get("image_url") or part.get("input_audio"))
+            if kind == "image":
+                images.append(data)
+                return self.config.vision.num_tokens
+            wave = self._waveform(data)
+            clips.append(wave)
+            return self.config.audio.num_tokens(min(len(wave), self.config.audio.chunk_samples))
+
+        chat = render_chat(messages, self.tokenizer, self.config, enable_thinking=enable_thinking,
+                           media_tokens=media_tokens)
+        return chat.token_ids, images, clips
+
+    def _media_block(self, images, clips) -> list[int]:
+        c, ids = self.config, []
+        for _ in images:
+            ids += [c.image_start_token_id] + [c.image_token_id] * c.vision.num_tokens + [c.image_end_token_id]
+        for clip in clips:
+            n = min(len(clip), c.audio.chunk_samples)
+            ids += [c.audio_start_token_id] + [c.audio_token_id] * c.audio.num_tokens(n) + [c.audio_end_token_id]
+        return ids
+
+    def _waveform(self, clip) -> torch.Tensor:
+        """Mono samples at the model's rate: a 1-D array is taken as already at that rate, anything
+        else (WAV path or bytes) is decoded, down-mixed and resampled."""
+        rate = self.config.audio.sampling_rate
+        if isinstance(clip, torch.Tensor) or hasattr(clip, "__array__"):
+            return load_audio(clip, sampling_rate=rate, target_rate=rate)
+        return load_audio(clip, target_rate=rate)
+
+    def _preprocess(self, images, clips) -> dict:
+        media = {}
+        if images:
+            if self.model.vision_tower is None:
+                raise ValueError("this engine was built with load_vision=False: image inputs are not available")
+            media["pixel_values"] = preprocess_images([load_image(i) for i in images], self.config.vision)
+        if clips:
+            if self.model.audio_tower is None:
+                raise ValueError("this engine was built with load_audio=False: audio inputs are not available")
+            media["input_features"], media["num_samples"] = preprocess_audio(clips, self.config.audio)
+        return media
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Index where the first stop string begins (searching from a little before `start`), or None."""
+    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _merge(total: RequestOutput, out: RequestOutput) -> None:
+    total.text += out.text
+    total.token_ids += out.token_ids
+    total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
+    total.prompt_tokens, total.completion_tokens = out.prompt_tokens, out.completion_tokens
+    if out.logprobs:
+        total.logprobs = (total.logprobs or []) + out.logprobs
+
+
+def _drop_modalities(model: AutoGLMPhoneForCausalLM, load_vision: bool, load_audio: bool) -> None:
+    """Free the encoders a deployment does not want (the article's modular design)."""
+    if not load_vision:
+        model.vision_tower = model.vision_adapter = model.vision_connector = None
+    if not load_audio:
+        model.audio_tower = model.audio_adapter = model.audio_connector = None

@@ -1,0 +1,69 @@
+"""Model runners: turn a step plan into next-token logits, one row per planned request.
+
+FastRunner packs every planned token (prefill chunks and decodes alike) into one [1, N, H] batch on
+the paged KV cache and runs the Triton backbone once. ReferenceRunner runs the eager model request
+by request, each with its own contiguous KVCache: slow, simple, and the yardstick.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..paged_cache import PagedKVCache
+from ..reference.glm import KVCache
+from ..reference.model import AutoGLMPhoneForCausalLM, ModalContext
+from .request import Request
+
+
+def chunk_embeds(model: AutoGLMPhoneForCausalLM, req: Request, n: int) -> torch.Tensor:
+    """Embeddings [n, H] of the request's next n uncached tokens: prompt rows were spliced and fused at
+    admission; generated tokens are embedded now and fused with the request's media summaries."""
+    lo, hi, T = req.num_computed, req.num_computed + n, len(req.prompt_ids)
+    parts = []
+    if lo < T:
+        parts.append(req.prompt_embeds[lo:min(hi, T)])
+    if hi > T:
+        ids = torch.tensor([req.output_ids[max(lo, T) - T:hi - T]], device=req.prompt_embeds.device)
+        parts.append(model.embed(ids, context=req.context)[0][0])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class FastRunner:
+    def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache):
+        self.model, self.cache = model, cache
+
+    def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
+        meta = self.cache.step([r.request_id for r in requests], num_tokens)
+        embeds = torch.cat([chunk_embeds(self.model, r, n) for r, n in zip(requests, num_tokens)])[None]
+        hidden = self.model.model(embeds, meta.positions[None], self.cache.layer_caches(meta))
+        last = meta.query_start_loc[1:].long() - 1  # each request's last new token
+        return self.model.lm_head(hidden[0, last])
+
+    def release(self, request: Request) -> None:
+        pass  # the paged cache's blocks are freed by the scheduler
+
+
+class ReferenceRunner:
+    def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache, max_model_len: int):
+        self.model, self.cache, self.max_model_len = model, cache, max_model_len
+        self.kv: dict[str, list[KVCache]] = {}
+
+    def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
+        self.cache.step([r.request_id for r in requests], num_tokens)  # the same block accounting as fast
+        rows = []
+        for req, n in zip(requests, num_tokens):
+            if req.num_computed == 0:  # new, or recomputing after preemption
+                self.kv[req.request_id] = self.model.setup_caches(1, min(self.max_model_len, req.total_len +
+                                                                          req.params.max_tokens))
+            positions = torch.arange(req.num_computed, req.num_computed + n, device=req.prompt_embeds.device)
+            hidden = self.model.model(chunk_embeds(self.model, req, n)[None], positions[None],
+                                      self.kv[req.request_id])
+            rows.append(self.model.lm_head(hidden[0, -1]))
+        return torch.stack(rows)
+
+    def release(self, request: Request) -> None:
+        self.kv.pop(request.request_id, None)
+
+
+def batch_context(contexts: list[ModalContext]) -> ModalContext:
+    return ModalContext(*(torch.cat([getattr(c, f) for c in contexts]) for f in
+                          ("vision", "audio", "has_vision", "has_audio")))

@@ -1,0 +1,140 @@
+"""The engine on the nano preset: continuous batching gives every request what it gets alone, on
+both backends; aborts and floods free every block; bad requests fail alone."""
+import io
+
+import pytest
+import torch
+
+from autoglm_fast.demo import demo_image, demo_tone
+from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
+from kernel_harness import requires_kernels
+
+SCHED = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48, max_model_len=128)
+GREEDY = SamplingParams.greedy(max_tokens=5, ignore_eos=True)
+
+
+def _engine(backend, **kw):
+    return Engine.from_preset("nano", seed=0, backend=backend, scheduler=kw.pop("scheduler", SCHED), **kw)
+
+
+def _requests(engine):
+    tone = demo_tone(engine.config, seconds=0.5)
+    return [dict(prompt="What is on the screen?"), dict(prompt="Describe it.", images=[demo_image(48)]),
+            dict(prompt="What do you hear?", audio=[tone]),
+            dict(prompt="Both?", images=[demo_image(64)], audio=[tone])]
+
+
+def _solo(backend):
+    engine = _engine(backend)
+    return [engine.generate([r.pop("prompt")], GREEDY, **r)[0].token_ids for r in _requests(engine)]
+
+
+def _staggered(engine):
+    """Submit the four requests at different steps, as a server would."""
+    reqs, ids, tokens = _requests(engine), [], {}
+    for step in range(200):
+        if step % 2 == 0 and reqs:
+            r = reqs.pop(0)
+            ids.append(engine.add_request(r.pop("prompt"), GREEDY, **r))
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        if not reqs and not engine.has_unfinished():
+            break
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks  # every block came back
+    return [tokens[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def reference_solo():
+    return _solo("reference")
+
+
+def test_reference_batched_equals_each_request_alone(reference_solo):
+    assert _staggered(_engine("reference")) == reference_solo
+
+
+@requires_kernels
+def test_fast_backend_matches_the_reference(reference_solo):
+    assert _staggered(_engine("fast")) == reference_solo
+
+
+def test_flood_larger_than_the_pool_preempts_and_still_matches():
+    prompts = [f"request number {i} with some words" for i in range(5)]
+    solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in prompts]
+    small = _engine("reference", num_blocks=7, block_size=8)  # ~2 requests' worth of blocks
+    outs = small.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == solo and all(o.finish_reason == "length" for o in outs)
+    assert small.scheduler.num_preemptions > 0 and small.cache.num_free_blocks == 7
+
+
+def test_abort_mid_stream_frees_its_blocks():
+    engine = _engine("reference")
+    keep = engine.add_request("a request that runs to the end", GREEDY)
+    stream = engine.stream("a request that is aborted", SamplingParams.greedy(max_tokens=50, ignore_eos=True))
+    first = next(stream)
+    assert not first.finished
+    stream.close()  # the consumer goes away: the request is aborted
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            finished[out.request_id] = out
+    assert finished[keep].finish_reason == "length"
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.requests
+
+
+def test_stop_string_ends_the_text_exactly_before_it():
+    engine = _engine("reference")
+    full = engine.generate(["hello"], SamplingParams.greedy(max_tokens=12, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) >= 3
+    stop = text[1:3]
+    out = _engine("reference").generate(["hello"], SamplingParams.greedy(max_tokens=12, stop=[stop],
+                                                                         ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible():
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    a = _engine("reference").generate(["x"], params)[0].token_ids
+    b = _engine("reference").generate(["x"], params)[0].token_ids
+    c = _engine("reference").generate(["x"], SamplingParams(temperature=1.0, seed=8, max_tokens=6,
+                                                            ignore_eos=True))[0].token_ids
+    assert a == b and a != c
+
+
+def test_bad_requests_fail_alone_with_clear_errors():
+    engine = _engine("reference")
+    good = engine.add_request("fine", GREEDY)
+    with pytest.raises(ValueError, match="image"):
+        engine.add_request("x", images=[b"not an image"])
+    with pytest.raises(ValueError, match="audio"):
+        engine.add_request("x", audio=[b"RIFF-but-not-really"])
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("y" * 200)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(messages=[{"role": "user", "content": "   "}])
+    with pytest.raises(ValueError, match="exactly one of prompt and messages"):
+        engine.add_request()
+    tokens, last = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == good  # nothing of the refused requests was queued
+            tokens += out.token_ids
+            last = out
+    assert last.finish_reason == "length" and len(tokens) == 5 and last.completion_tokens == 5
+
+
+def test_chat_messages_with_media_parts():
+    engine = _engine("reference")
+    buf = io.BytesIO()
+    demo_image(40).save(buf, format="PNG")
+    out = engine.generate([None], GREEDY, messages=[{"role": "user", "content": [
+        {"type": "image", "image": buf.getvalue()}, {"type": "text", "text": "what is this?"}]}])[0]
+    assert len(out.token_ids) == 5 and out.prompt_tokens > engine.config.vision.num_tokens
+
+
+def test_missing_modality_is_a_clear_error():
+    engine = Engine.from_preset("nano", backend="reference", load_vision=False, scheduler=SCHED)
+    with pytest.raises(ValueError, match="load_vision=False"):
+        engine.add_request("x", images=[demo_image(32)])
+    assert engine.generate(["text still works"], GREEDY)[0].finish_reason == "length"
