@@ -6,18 +6,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Without CUDA, pin the CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Kernels run in Triton's interpreter where torch sees no CUDA device (evaluated when a recipe runs).
+INTERPRET = $$($(PY) -c 'import torch; print("" if torch.cuda.is_available() else "1")')
 
 .PHONY: demo test clean
 
 demo: $(VENV)/.installed-serve
-	$(VENV)/bin/autoglm-fast demo
+	$(VENV)/bin/autoglm-fast demo --write-media .demo
+	TRITON_INTERPRET=$(INTERPRET) $(VENV)/bin/autoglm-fast generate --preset nano \
+		--image .demo/screen.png --audio .demo/tone.wav \
+		--prompt "What is on the screen, and what do you hear?" --max-tokens 16
 
 test: $(VENV)/.installed-test
-	@if $(PY) -c 'import sys, torch; sys.exit(torch.cuda.is_available())'; then \
-		echo "no CUDA device: kernels run in the Triton interpreter (TRITON_INTERPRET=1)"; \
-		export TRITON_INTERPRET=1; \
-	fi; \
-	$(VENV)/bin/pytest
+	TRITON_INTERPRET=$(INTERPRET) $(VENV)/bin/pytest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -18,14 +18,27 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-    run_demo(args.preset, args.prompt, args.max_new_tokens, args.seed)
+    from .demo import run_demo, write_media
+    if args.write_media:
+        print(" ".join(write_media(args.preset, args.write_media)))
+    else:
+        run_demo(args.preset, args.prompt, args.max_new_tokens, args.seed)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate_cli import run
+    run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .generate_cli import add_arguments
     parser = argparse.ArgumentParser(prog="autoglm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run one image+audio+text request through the eager reference")
+    p = sub.add_parser("generate", help="stream an answer (text, --image, --audio) from the engine")
+    add_arguments(p)
+    p.set_defaults(func=_generate)
+    p = sub.add_parser("demo", help="one image+audio+text request through the eager reference, timed per part")
+    p.add_argument("--write-media", metavar="DIR", help="only write the demo image and tone (PNG, WAV) to DIR")
     p.add_argument("--preset", default="nano")
     p.add_argument("--prompt", default="What is on the screen, and what do you hear?")
     p.add_argument("--max-new-tokens", type=int, default=16)

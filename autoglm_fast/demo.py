@@ -29,6 +29,22 @@ def demo_tone(config: AutoGLMPhoneConfig, seconds: float = 1.0, hz: float = 440.
     return 0.5 * torch.sin(2 * math.pi * hz * t)
 
 
+def write_media(preset: str, directory: str) -> list[str]:
+    """The demo's screenshot (PNG) and 1 s tone (16-bit WAV) as files, for `autoglm-fast generate`."""
+    import wave
+    from pathlib import Path
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    image, tone = out / "screen.png", out / "tone.wav"
+    demo_image().save(image)
+    config = AutoGLMPhoneConfig.preset(preset)
+    pcm = (demo_tone(config) * 32767).round().to(torch.int16).numpy().tobytes()
+    with wave.open(str(tone), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(config.audio.sampling_rate)
+        w.writeframes(pcm)
+    return [str(image), str(tone)]
+
+
 def build_prompt(config: AutoGLMPhoneConfig, text_ids: list[int], num_audio_tokens: int) -> list[int]:
     """[image block] [audio block] text, with the placeholder runs the model splices media into."""
     c = config

@@ -44,3 +44,16 @@ def test_kernels_install_under_the_package_not_top_level():
     code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('kernels') is not None)"
     assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
     assert importlib.util.find_spec("autoglm_fast.kernels") is not None
+
+
+def test_generate_streams_an_answer_with_media_and_reports_speed(tmp_path):
+    media = run("demo", "--write-media", str(tmp_path))
+    assert media.returncode == 0, media.stderr
+    image, audio = media.stdout.split()
+    proc = run("generate", "--preset", "nano", "--backend", "reference", "--image", image, "--audio", audio,
+               "--prompt", "what is this?", "--max-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 generated (length)" in proc.stderr and "time to first token" in proc.stderr
+    bad = run("generate", "--preset", "nano", "--backend", "reference", "--image", str(tmp_path / "tone.wav"),
+              "--prompt", "x")
+    assert bad.returncode == 2 and "image" in bad.stderr

@@ -3,7 +3,6 @@ both backends; aborts and floods free every block; bad requests fail alone."""
 import io
 
 import pytest
-import torch
 
 from autoglm_fast.demo import demo_image, demo_tone
 from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
@@ -59,7 +58,7 @@ def test_fast_backend_matches_the_reference(reference_solo):
 
 
 def test_flood_larger_than_the_pool_preempts_and_still_matches():
-    prompts = [f"request number {i} with some words" for i in range(5)]
+    prompts = [f"request {i} word" for i in range(5)]  # 14 tokens (2 pages of 8) growing into a 3rd page
     solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in prompts]
     small = _engine("reference", num_blocks=7, block_size=8)  # ~2 requests' worth of blocks
     outs = small.generate(prompts, GREEDY)
@@ -138,3 +137,30 @@ def test_missing_modality_is_a_clear_error():
     with pytest.raises(ValueError, match="load_vision=False"):
         engine.add_request("x", images=[demo_image(32)])
     assert engine.generate(["text still works"], GREEDY)[0].finish_reason == "length"
+
+
+def test_async_streams_run_concurrently_and_abort_from_another_task():
+    import asyncio
+
+    from autoglm_fast.engine import AsyncEngine
+
+    async def main():
+        engine = _engine("reference")
+        aengine = AsyncEngine(engine)
+
+        async def collect(prompt, params):
+            outs = [o async for o in aengine.stream(prompt, params)]
+            return sum((o.token_ids for o in outs), []), outs[-1]
+
+        async def aborted():
+            async for out in aengine.stream("to be cut", SamplingParams.greedy(max_tokens=100, ignore_eos=True)):
+                if len(out.token_ids):
+                    return "left early"
+
+        results = await asyncio.gather(collect("first", GREEDY), collect("second", GREEDY), aborted())
+        return engine, results
+
+    engine, (first, second, third) = asyncio.run(main())
+    solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in ("first", "second")]
+    assert [first[0], second[0]] == solo and first[1].finish_reason == "length" and third == "left early"
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.requests

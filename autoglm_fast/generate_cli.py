@@ -1,0 +1,60 @@
+"""`autoglm-fast generate`: stream one answer to the terminal, then time to first token and tokens/s."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory (config.json + safetensors, optional tokenizer.json)")
+    src.add_argument("--preset", default=None, help="a preset with seeded random weights (default: nano)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--audio", action="append", default=[], help="WAV file (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-thinking", action="store_true", help="skip the <think> block")
+    p.add_argument("--backend", choices=["fast", "reference"], help="default: fast where the kernels can run")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+
+
+def run(args: argparse.Namespace) -> None:
+    from .engine import Engine, SamplingParams
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    t0 = time.perf_counter()
+    if args.model:
+        engine = Engine.from_pretrained(args.model, dtype=dtype, device=args.device, backend=args.backend)
+    else:
+        engine = Engine.from_preset(args.preset or "nano", dtype=dtype, device=args.device, backend=args.backend)
+    load_s = time.perf_counter() - t0
+    content = ([{"type": "image", "image": p} for p in args.image] + [{"type": "audio", "audio": p} for p in args.audio]
+               + [{"type": "text", "text": args.prompt}])
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    print(f"[{engine.backend} backend on {engine.device}, {engine.dtype}; loaded in {load_s:.1f} s]", file=sys.stderr)
+    start, first, last = time.perf_counter(), None, None
+    for out in engine.stream(messages=messages, params=params, enable_thinking=not args.no_thinking):
+        if first is None and out.token_ids:
+            first = time.perf_counter()
+        print(out.text, end="", flush=True)
+        last = out
+    end = time.perf_counter()
+    print()
+    n = last.completion_tokens if last else 0
+    ttft = (first or end) - start
+    rate = (n - 1) / (end - first) if first and n > 1 and end > first else float("nan")
+    print(f"[{last.prompt_tokens} prompt tokens, {n} generated ({last.finish_reason}); "
+          f"time to first token {1e3 * ttft:.0f} ms, {rate:.1f} tokens/s]", file=sys.stderr)
+    if last.error:
+        raise ValueError(last.error)
