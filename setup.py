@@ -9,8 +9,8 @@ packages = find_packages(include=["autoglm_fast", "autoglm_fast.*"])
 for name, folder in SUBDIRS.items():
     packages += [name] + [f"{name}.{p}" for p in find_packages(folder)]
 
-serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19"]
-test = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "pillow>=10"]
+serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19", "tqdm"]
+test = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "pillow>=10", "tokenizers>=0.19"]
 
 setup(
     name="autoglm-fast",

@@ -137,10 +137,19 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
                 if items]
     if problems:
         raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
-    for file, pairs in plan.items():
+    for file, pairs in _progress(plan.items(), len(plan), source):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name, name in pairs:
                 _assign(model, name, f.get_tensor(ckpt_name), dtype, device)
+
+
+def _progress(items, total: int, source: str):
+    """A tqdm bar over the shards when tqdm is installed and there is more than one shard."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc=f"loading {Path(source).name}", unit="shard", disable=total < 2)
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor, dtype, device) -> None:
