@@ -164,3 +164,20 @@ def test_async_streams_run_concurrently_and_abort_from_another_task():
     solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in ("first", "second")]
     assert [first[0], second[0]] == solo and first[1].finish_reason == "length" and third == "left early"
     assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.requests
+
+
+def test_logprobs_are_returned_per_token():
+    out = _engine("reference").generate(["hi"], SamplingParams.greedy(max_tokens=3, logprobs=2, ignore_eos=True))[0]
+    assert [lp["token_id"] for lp in out.logprobs] == out.token_ids
+    for lp in out.logprobs:
+        top = lp["top"]
+        assert len(top) == 2 and top[0][0] == lp["token_id"] and top[0][1] >= top[1][1]  # greedy: the best one
+        assert lp["logprob"] == pytest.approx(top[0][1]) and lp["logprob"] <= 0
+
+
+def test_from_pretrained_checkpoint_equals_the_preset(tmp_path):
+    preset = _engine("reference")
+    preset.model.save_pretrained(tmp_path)
+    loaded = Engine.from_pretrained(tmp_path, backend="reference", scheduler=SCHED)
+    assert loaded.generate(["same weights"], GREEDY)[0].token_ids == preset.generate(["same weights"],
+                                                                                      GREEDY)[0].token_ids
