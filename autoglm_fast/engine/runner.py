@@ -10,7 +10,7 @@ import torch
 
 from ..paged_cache import PagedKVCache
 from ..reference.glm import KVCache
-from ..reference.model import AutoGLMPhoneForCausalLM, ModalContext
+from ..reference.model import AutoGLMPhoneForCausalLM
 from .request import Request
 
 
@@ -63,7 +63,3 @@ class ReferenceRunner:
     def release(self, request: Request) -> None:
         self.kv.pop(request.request_id, None)
 
-
-def batch_context(contexts: list[ModalContext]) -> ModalContext:
-    return ModalContext(*(torch.cat([getattr(c, f) for c in contexts]) for f in
-                          ("vision", "audio", "has_vision", "has_audio")))
