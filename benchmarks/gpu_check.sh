@@ -23,4 +23,5 @@ timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_*.py tests/
   --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
 timeout 120 "$PY" -m autoglm_fast.benchmarks.adapter --json "$OUT/adapter.json" 2>&1 | tee "$OUT/adapter.log" || status=1
 timeout 150 "$PY" -m autoglm_fast.benchmarks.backbone --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.log" || status=1
+timeout 150 "$PY" -m autoglm_fast.benchmarks.e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" || status=1
 exit $status

@@ -36,3 +36,11 @@ def test_backbone_runner_smoke(tmp_path):
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert {"decode attention", "prefill attention", "rmsnorm+residual", "swiglu"} <= {r["case"] for r in rows}
     assert all(r["ms"]["ours"] > 0 and r["ms"]["eager"] > 0 for r in rows)
+
+
+def test_e2e_runner_smoke(tmp_path):
+    from autoglm_fast.benchmarks import e2e
+    assert e2e.main(["--smoke", "--backend", "reference", "--json", str(tmp_path / "out.json")]) == 0
+    r = json.loads((tmp_path / "out.json").read_text())
+    assert r["preset"] == "nano" and r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0
+    assert r["tokens_per_s_batch2"] > 0
