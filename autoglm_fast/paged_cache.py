@@ -57,6 +57,7 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self._blocks: dict[object, list[int]] = {}
         self._lens: dict[object, int] = {}
+        self.null_block: int | None = None
 
     @classmethod
     def for_memory(cls, config: TextConfig, bytes_budget: int, block_size: int = 32,
@@ -68,6 +69,19 @@ class PagedKVCache:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks sequences can use (all but the reserved null block, if any)."""
+        return self.num_blocks - (self.null_block is not None)
+
+    def reserve_null_block(self) -> int:
+        """Take one block out of circulation for padding rows to write to (CUDA-graph buckets)."""
+        if self.null_block is None:
+            if not self._free:
+                raise RuntimeError("KV cache has no free block to reserve as the null block")
+            self.null_block = self._free.pop()
+        return self.null_block
 
     def blocks_needed(self, seq_id, num_new_tokens: int) -> int:
         total = self._lens.get(seq_id, 0) + num_new_tokens

@@ -39,7 +39,7 @@ def _staggered(engine):
             tokens.setdefault(out.request_id, []).extend(out.token_ids)
         if not reqs and not engine.has_unfinished():
             break
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks  # every block came back
+    assert engine.cache.num_free_blocks == engine.cache.capacity  # every block came back
     return [tokens[i] for i in ids]
 
 
@@ -55,6 +55,17 @@ def test_reference_batched_equals_each_request_alone(reference_solo):
 @requires_kernels
 def test_fast_backend_matches_the_reference(reference_solo):
     assert _staggered(_engine("fast")) == reference_solo
+
+
+@requires_kernels
+def test_decode_through_the_cuda_graph_buffers_matches(reference_solo):
+    """The static, bucket-padded decode path that CUDA graphs replay (run eagerly without a GPU)."""
+    engine = _engine("fast", cuda_graphs=True)
+    assert engine.runner.graphs is not None and engine.cache.null_block is not None
+    assert _staggered(engine) == reference_solo  # decode batches of 1 and 2
+    prompts = ["one", "two two", "three three three"]  # a decode batch of 3, padded to the bucket of 4
+    want = [o.token_ids for o in _engine("reference").generate(prompts, GREEDY)]
+    assert [o.token_ids for o in _engine("fast", cuda_graphs=True).generate(prompts, GREEDY)] == want
 
 
 def test_flood_larger_than_the_pool_preempts_and_still_matches():
@@ -78,7 +89,7 @@ def test_abort_mid_stream_frees_its_blocks():
         for out in engine.step():
             finished[out.request_id] = out
     assert finished[keep].finish_reason == "length"
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.requests
+    assert engine.cache.num_free_blocks == engine.cache.capacity and not engine.requests
 
 
 def test_stop_string_ends_the_text_exactly_before_it():
@@ -163,7 +174,7 @@ def test_async_streams_run_concurrently_and_abort_from_another_task():
     engine, (first, second, third) = asyncio.run(main())
     solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in ("first", "second")]
     assert [first[0], second[0]] == solo and first[1].finish_reason == "length" and third == "left early"
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.requests
+    assert engine.cache.num_free_blocks == engine.cache.capacity and not engine.requests
 
 
 def test_logprobs_are_returned_per_token():

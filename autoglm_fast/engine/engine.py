@@ -33,7 +33,9 @@ from .scheduler import Scheduler, SchedulerConfig
 class Engine:
     def __init__(self, model: AutoGLMPhoneForCausalLM, tokenizer: Tokenizer | None = None, *,
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
-                 scheduler: SchedulerConfig | None = None):
+                 scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
+        """cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
+        True on a CPU runs the same static-buffer path eagerly (what the graphs would replay)."""
         param = model.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
         backend = backend or ("fast" if device_supported(self.device) else "reference")
@@ -45,13 +47,18 @@ class Engine:
         text = self.config.text
         if num_blocks is None:  # room for every sequence at full length by default
             per_seq = -(-self.sched_config.max_model_len // block_size)
-            num_blocks = per_seq * self.sched_config.max_num_seqs
+            num_blocks = per_seq * self.sched_config.max_num_seqs + 1  # + the graphs' null block
         self.cache = PagedKVCache(text, num_blocks, block_size, self.dtype, self.device,
                                   with_pools=backend == "fast")
         if backend == "fast":
             from ..fast import apply_fast_kernels
             apply_fast_kernels(model)
-            self.runner = FastRunner(model, self.cache)
+            graphs = None
+            if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
+                from .cuda_graphs import DecodeGraphs
+                graphs = DecodeGraphs(model, self.cache, self.sched_config.max_model_len,
+                                      self.sched_config.max_num_seqs, capture=self.device.type == "cuda")
+            self.runner = FastRunner(model, self.cache, graphs)
         else:
             self.runner = ReferenceRunner(model, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
@@ -108,7 +115,7 @@ class Engine:
         limit = self.sched_config.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}")
-        if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.num_blocks:
+        if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.capacity:
             raise ValueError(f"the prompt ({len(ids)} tokens) does not fit in the KV cache")
         req = Request(request_id, ids, params, media=self._preprocess(images, clips))
         if params.seed is not None:

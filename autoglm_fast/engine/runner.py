@@ -28,12 +28,14 @@ def chunk_embeds(model: AutoGLMPhoneForCausalLM, req: Request, n: int) -> torch.
 
 
 class FastRunner:
-    def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache, graphs=None):
+        self.model, self.cache, self.graphs = model, cache, graphs  # graphs: DecodeGraphs or None
 
     def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
         meta = self.cache.step([r.request_id for r in requests], num_tokens)
         embeds = torch.cat([chunk_embeds(self.model, r, n) for r, n in zip(requests, num_tokens)])[None]
+        if self.graphs is not None and meta.is_decode and meta.num_seqs <= self.graphs.max_batch:
+            return self.model.lm_head(self.graphs.run(meta, embeds[0]))
         hidden = self.model.model(embeds, meta.positions[None], self.cache.layer_caches(meta))
         last = meta.query_start_loc[1:].long() - 1  # each request's last new token
         return self.model.lm_head(hidden[0, last])
