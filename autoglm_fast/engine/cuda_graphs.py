@@ -11,6 +11,8 @@ Without CUDA (tests), the same static-buffer path runs eagerly: what the graphs 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..paged_cache import PagedAttentionMetadata, PagedKVCache
@@ -67,16 +69,24 @@ class DecodeGraphs:
 
     def _replay(self, Bp: int) -> torch.Tensor:
         if Bp not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
-                for _ in range(2):
-                    self._forward(Bp)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(Bp)
-            self.graphs[Bp] = (graph, out)
+            try:
+                self._capture(Bp)
+            except RuntimeError as e:  # a capture failure must cost speed, never the request
+                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly from now on", RuntimeWarning)
+                self.capture = False
+                return self._forward(Bp)
         graph, out = self.graphs[Bp]
         graph.replay()
         return out
+
+    def _capture(self, Bp: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                self._forward(Bp)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(Bp)
+        self.graphs[Bp] = (graph, out)
