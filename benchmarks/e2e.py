@@ -74,11 +74,15 @@ def run(smoke: bool, backend: str | None) -> dict:
     ceilings = measure_ceilings(smoke)
     weight_bytes = engine.model.parameter_counts()["backbone"] * engine.dtype.itemsize
     greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
-    request = dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=[demo_image(224)],
+    try:
+        images, inputs = [demo_image(224)], "image + 5 s audio + 64 text tokens"
+    except ImportError:  # Pillow is an optional extra; the GPU check's image may not have it
+        images, inputs = [], "5 s audio + 64 text tokens (no Pillow: no image)"
+    request = dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=images,
                    audio=[demo_tone(config, seconds=5.0)])
     result = {"preset": preset, "backend": engine.backend, "device": ceilings.device, "dtype": str(engine.dtype),
               "torch": torch.__version__, "ceilings": ceilings.__dict__,
-              "ttft_ms": _ttft(engine, request, 1 if smoke else 5),
+              "ttft_inputs": inputs, "ttft_ms": _ttft(engine, request, 1 if smoke else 5),
               "decode_ms_per_token": _decode_ms(engine, greedy, new_tokens)}
     result["decode_roofline_ms"] = weight_bytes / (ceilings.bandwidth_gbs * 1e9) * 1e3
     result["decode_roofline_pct"] = 100 * result["decode_roofline_ms"] / result["decode_ms_per_token"]

@@ -20,6 +20,7 @@ status=0
 # Kernel tests: every test file that needs no optional extras (transformers/fastapi may be absent there).
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_*.py tests/test_fast_modules.py \
   tests/test_fast_backbone.py tests/test_paged_cache.py tests/test_model.py tests/test_config.py \
+  tests/test_engine.py tests/test_sampling.py \
   --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" || status=1
 timeout 120 "$PY" -m autoglm_fast.benchmarks.adapter --json "$OUT/adapter.json" 2>&1 | tee "$OUT/adapter.log" || status=1
 timeout 150 "$PY" -m autoglm_fast.benchmarks.backbone --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.log" || status=1

@@ -17,6 +17,7 @@ def _engine(backend, **kw):
 
 
 def _requests(engine):
+    pytest.importorskip("PIL")  # the demo image (the GPU check's machine may lack Pillow)
     tone = demo_tone(engine.config, seconds=0.5)
     return [dict(prompt="What is on the screen?"), dict(prompt="Describe it.", images=[demo_image(48)]),
             dict(prompt="What do you hear?", audio=[tone]),
@@ -63,6 +64,10 @@ def test_decode_through_the_cuda_graph_buffers_matches(reference_solo):
     engine = _engine("fast", cuda_graphs=True)
     assert engine.runner.graphs is not None and engine.cache.null_block is not None
     assert _staggered(engine) == reference_solo  # decode batches of 1 and 2
+
+
+@requires_kernels
+def test_cuda_graph_bucket_padding_matches():
     prompts = ["one", "two two", "three three three"]  # a decode batch of 3, padded to the bucket of 4
     want = [o.token_ids for o in _engine("reference").generate(prompts, GREEDY)]
     assert [o.token_ids for o in _engine("fast", cuda_graphs=True).generate(prompts, GREEDY)] == want
@@ -135,6 +140,7 @@ def test_bad_requests_fail_alone_with_clear_errors():
 
 
 def test_chat_messages_with_media_parts():
+    pytest.importorskip("PIL")
     engine = _engine("reference")
     buf = io.BytesIO()
     demo_image(40).save(buf, format="PNG")
@@ -144,6 +150,7 @@ def test_chat_messages_with_media_parts():
 
 
 def test_missing_modality_is_a_clear_error():
+    pytest.importorskip("PIL")
     engine = Engine.from_preset("nano", backend="reference", load_vision=False, scheduler=SCHED)
     with pytest.raises(ValueError, match="load_vision=False"):
         engine.add_request("x", images=[demo_image(32)])
