@@ -58,10 +58,7 @@ class _Builder:
 
     def media(self, kind: str, n: int, config: AutoGLMPhoneConfig) -> None:
         self._flush()
-        c = config
-        start, tok, end = ((c.image_start_token_id, c.image_token_id, c.image_end_token_id) if kind == "image"
-                           else (c.audio_start_token_id, c.audio_token_id, c.audio_end_token_id))
-        self.ids += [start] + [tok] * n + [end]
+        self.ids += config.placeholder_block(kind, n)
         self.log.append(f"<|begin_of_{kind}|><|{kind}|>×{n}<|end_of_{kind}|>")
 
     def _flush(self) -> None:

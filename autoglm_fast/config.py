@@ -209,6 +209,16 @@ class AutoGLMPhoneConfig:
             _check(isinstance(tok, int) and 0 <= tok < vocab, f"AutoGLMPhoneConfig.eos_token_ids: {tok!r} not in vocab")
         _check(self.image_token_id != self.audio_token_id, "image_token_id and audio_token_id must differ")
 
+    def placeholder_block(self, kind: str, num_tokens: int) -> list[int]:
+        """`<|begin_of_X|> <|X|>×num_tokens <|end_of_X|>`: where a medium's adapted tokens are spliced."""
+        if kind == "image":
+            start, token, end = self.image_start_token_id, self.image_token_id, self.image_end_token_id
+        elif kind == "audio":
+            start, token, end = self.audio_start_token_id, self.audio_token_id, self.audio_end_token_id
+        else:
+            raise ValueError(f"kind must be 'image' or 'audio', got {kind!r}")
+        return [start] + [token] * num_tokens + [end]
+
     # ---- presets -------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> "AutoGLMPhoneConfig":

@@ -47,10 +47,8 @@ def write_media(preset: str, directory: str) -> list[str]:
 
 def build_prompt(config: AutoGLMPhoneConfig, text_ids: list[int], num_audio_tokens: int) -> list[int]:
     """[image block] [audio block] text, with the placeholder runs the model splices media into."""
-    c = config
-    return ([c.image_start_token_id] + [c.image_token_id] * c.vision.num_tokens + [c.image_end_token_id]
-            + [c.audio_start_token_id] + [c.audio_token_id] * num_audio_tokens + [c.audio_end_token_id]
-            + text_ids)
+    return (config.placeholder_block("image", config.vision.num_tokens)
+            + config.placeholder_block("audio", num_audio_tokens) + text_ids)
 
 
 def run_demo(preset: str = "nano", prompt: str = "What is on the screen, and what do you hear?",

@@ -258,10 +258,9 @@ class Engine:
     def _media_block(self, images, clips) -> list[int]:
         c, ids = self.config, []
         for _ in images:
-            ids += [c.image_start_token_id] + [c.image_token_id] * c.vision.num_tokens + [c.image_end_token_id]
+            ids += c.placeholder_block("image", c.vision.num_tokens)
         for clip in clips:
-            n = min(len(clip), c.audio.chunk_samples)
-            ids += [c.audio_start_token_id] + [c.audio_token_id] * c.audio.num_tokens(n) + [c.audio_end_token_id]
+            ids += c.placeholder_block("audio", c.audio.num_tokens(min(len(clip), c.audio.chunk_samples)))
         return ids
 
     def _waveform(self, clip) -> torch.Tensor:
