@@ -7,7 +7,6 @@ import torch
 import triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def interpreting() -> bool:
