@@ -10,7 +10,7 @@ import torch
 
 from ..paged_cache import PagedKVCache
 from ..reference.glm import KVCache
-from ..reference.model import AutoGLMPhoneForCausalLM
+from ..reference.model import AutoGLMPhoneForCausalLM, ModalContext
 from .request import Request
 
 
@@ -27,13 +27,33 @@ def chunk_embeds(model: AutoGLMPhoneForCausalLM, req: Request, n: int) -> torch.
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def step_embeds(model: AutoGLMPhoneForCausalLM, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
+    """All of a step's token embeddings, sequence after sequence. Decode rows (one generated token
+    each) are embedded and fused in a single call, with the requests' media summaries stacked."""
+    parts: list[torch.Tensor | None] = [None] * len(requests)
+    decode = [i for i, (r, n) in enumerate(zip(requests, num_tokens)) if n == 1 and r.num_computed >= len(r.prompt_ids)]
+    if decode:
+        rows = [requests[i] for i in decode]
+        ids = torch.tensor([[r.output_ids[r.num_computed - len(r.prompt_ids)]] for r in rows],
+                           device=rows[0].prompt_embeds.device)
+        ctx = ModalContext(*(torch.cat([getattr(r.context, f) for r in rows])
+                             for f in ("vision", "audio", "has_vision", "has_audio")))
+        embeds = model.embed(ids, context=ctx)[0][:, 0]
+        for j, i in enumerate(decode):
+            parts[i] = embeds[j:j + 1]
+    for i, (r, n) in enumerate(zip(requests, num_tokens)):
+        if parts[i] is None:
+            parts[i] = chunk_embeds(model, r, n)
+    return torch.cat(parts)
+
+
 class FastRunner:
     def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache, graphs=None):
         self.model, self.cache, self.graphs = model, cache, graphs  # graphs: DecodeGraphs or None
 
     def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
         meta = self.cache.step([r.request_id for r in requests], num_tokens)
-        embeds = torch.cat([chunk_embeds(self.model, r, n) for r, n in zip(requests, num_tokens)])[None]
+        embeds = step_embeds(self.model, requests, num_tokens)[None]
         if self.graphs is not None and meta.is_decode and meta.num_seqs <= self.graphs.max_batch:
             return self.model.lm_head(self.graphs.run(meta, embeds[0]))
         hidden = self.model.model(embeds, meta.positions[None], self.cache.layer_caches(meta))
