@@ -10,7 +10,8 @@ for name, folder in SUBDIRS.items():
     packages += [name] + [f"{name}.{p}" for p in find_packages(folder)]
 
 serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19", "tqdm"]
-test = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "pillow>=10", "tokenizers>=0.19"]
+# The server's tests start it for real, so the test extra includes the serve extra.
+test = serve + ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "httpx", "openai", "langchain-openai"]
 
 setup(
     name="autoglm-fast",

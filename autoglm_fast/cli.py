@@ -30,6 +30,11 @@ def _generate(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .server.cli import run
+    run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .generate_cli import add_arguments
     parser = argparse.ArgumentParser(prog="autoglm-fast", description=__doc__)
@@ -44,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("serve", help="the OpenAI-compatible API (FastAPI + uvicorn) on --host:--port")
+    from .server.cli import add_arguments as add_serve_arguments
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", default="autoglm-phone-9b")
     p.set_defaults(func=_info)

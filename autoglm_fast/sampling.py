@@ -70,7 +70,7 @@ class SamplingParams:
              "a list of ints >= 0"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "None or an int in [0, 20]"),
-            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            ("min_tokens", _is_int(self.min_tokens) and _is_int(self.max_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"an int in [0, max_tokens={self.max_tokens}]"),
         ]
         for name, ok, allowed in checks:

@@ -199,3 +199,43 @@ def test_from_pretrained_checkpoint_equals_the_preset(tmp_path):
     loaded = Engine.from_pretrained(tmp_path, backend="reference", scheduler=SCHED)
     assert loaded.generate(["same weights"], GREEDY)[0].token_ids == preset.generate(["same weights"],
                                                                                       GREEDY)[0].token_ids
+
+
+def test_media_placeholders_are_never_generated():
+    """Sampled freely, the model could pick an image/audio placeholder id, which has no embedding."""
+    import torch
+
+    engine = _engine("reference")
+    cfg = engine.config
+
+    class PlaceholdersFirst(torch.nn.Module):  # logits that rank the two placeholders above everything
+        weight = engine.model.lm_head.weight  # what the engine reads dtype and device from
+
+        def forward(self, h):
+            out = torch.zeros(*h.shape[:-1], cfg.text.vocab_size, device=h.device)
+            out[..., cfg.audio_token_id], out[..., cfg.image_token_id] = 10.0, 9.0
+            return out
+
+    engine.model.lm_head = PlaceholdersFirst()
+    out = engine.generate(["x"], GREEDY)[0]
+    assert out.finish_reason == "length" and out.token_ids == [0] * 5  # the best token that is allowed
+
+
+def test_a_failing_step_ends_every_async_stream_with_an_error():
+    import asyncio
+
+    from autoglm_fast.engine import AsyncEngine
+
+    engine = _engine("reference")
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    engine.step = broken_step
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        return [o async for o in aengine.stream("hi", GREEDY)]
+
+    outs = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert outs[-1].finished and outs[-1].finish_reason == "error" and "boom" in outs[-1].error

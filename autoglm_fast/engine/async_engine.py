@@ -44,8 +44,12 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         while self._queues:
-            async with self._lock:
-                outputs = await asyncio.to_thread(self.engine.step)
+            try:
+                async with self._lock:
+                    outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # noqa: BLE001 - a failed step must end the streams it carries, not hang them
+                await self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                return
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
@@ -53,3 +57,10 @@ class AsyncEngine:
                     if out.finished:
                         del self._queues[out.request_id]
             await asyncio.sleep(0)  # let consumers and new requests in between steps
+
+    async def _fail_all(self, error: str) -> None:
+        async with self._lock:
+            for rid, queue in list(self._queues.items()):
+                self.engine.abort(rid)
+                queue.put_nowait(RequestOutput(rid, "", [], True, "error", error=error))
+            self._queues.clear()

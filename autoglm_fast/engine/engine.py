@@ -63,6 +63,8 @@ class Engine:
             self.runner = ReferenceRunner(model, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        # Media placeholders are input-only: a generated one would have no embedding to splice.
+        self._never_sample = [self.config.image_token_id, self.config.audio_token_id]
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -156,7 +158,9 @@ class Engine:
         done = [i for i, r in enumerate(requests) if r.remaining == 0]  # the prompt (or chunk) is all in
         if done:
             picked = [requests[i] for i in done]
-            out = self.sampler.sample(logits[done], [r.params for r in picked], [r.prompt_ids for r in picked],
+            step_logits = logits[done]
+            step_logits[:, self._never_sample] = float("-inf")
+            out = self.sampler.sample(step_logits, [r.params for r in picked], [r.prompt_ids for r in picked],
                                       [r.output_ids for r in picked], [r.generator for r in picked])
             for j, req in enumerate(picked):
                 self._append(req, int(out.tokens[j]), out, j)
