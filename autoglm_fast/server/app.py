@@ -29,6 +29,13 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _request_failed(out) -> APIError:
+    """A request the engine ended with an error: bad input (the engine's ValueError/TypeError) is the
+    client's 400, anything else the server's 500."""
+    status = 400 if (out.error or "").startswith(("ValueError", "TypeError")) else 500
+    return APIError(status, out.error or "the request failed")
+
+
 class Server:
     def __init__(self, engine: Engine, served_model_name: str, api_key: str | None,
                  allowed_local_media_path: str | None, max_queued: int, max_images: int, reasoning_format: str):
@@ -106,8 +113,7 @@ class Server:
             raise
         if first.finish_reason == "error":  # failed at admission (media encoding): nothing was streamed yet
             await gen.aclose()
-            status = 400 if (first.error or "").startswith(("ValueError", "TypeError")) else 500
-            raise APIError(status, first.error or "the request failed")
+            raise _request_failed(first)
         if chat.stream:
             return StreamingResponse(self._stream(chat, rid, first, gen), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -125,8 +131,7 @@ class Server:
                 break
             out = await gen.__anext__()
         if out.finish_reason == "error":
-            status = 400 if (out.error or "").startswith(("ValueError", "TypeError")) else 500
-            raise APIError(status, out.error or "the request failed")
+            raise _request_failed(out)
         if self._thinking_shown_inline(chat):
             message = {"content": THINK_OPEN + text}
         else:
