@@ -10,8 +10,9 @@ for name, folder in SUBDIRS.items():
     packages += [name] + [f"{name}.{p}" for p in find_packages(folder)]
 
 serve = ["fastapi>=0.110", "uvicorn>=0.29", "pillow>=10", "tokenizers>=0.19", "tqdm"]
-# The server's tests start it for real, so the test extra includes the serve extra.
-test = serve + ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "httpx", "openai", "langchain-openai"]
+bench = ["matplotlib>=3.7"]  # `autoglm-fast bench --plot`
+# The server's tests start it for real and the benchmark tests draw the plots: test includes both extras.
+test = serve + bench + ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.46", "httpx", "openai", "langchain-openai"]
 
 setup(
     name="autoglm-fast",
@@ -23,6 +24,6 @@ setup(
     packages=packages,
     package_dir=SUBDIRS,
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "safetensors>=0.4"],
-    extras_require={"serve": serve, "test": test, "dev": sorted(set(serve + test))},
+    extras_require={"serve": serve, "bench": bench, "test": test, "dev": sorted(set(serve + test))},
     entry_points={"console_scripts": ["autoglm-fast=autoglm_fast.cli:main"]},
 )

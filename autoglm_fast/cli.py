@@ -35,6 +35,11 @@ def _serve(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmarks.suite import run_cli
+    return run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .generate_cli import add_arguments
     parser = argparse.ArgumentParser(prog="autoglm-fast", description=__doc__)
@@ -53,16 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     from .server.cli import add_arguments as add_serve_arguments
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
+    p = sub.add_parser("bench", help="kernel and end-to-end benchmarks: ours vs eager vs torch.compile, "
+                                     "% of the measured roofline; JSON, Markdown, plots, --compare")
+    from .benchmarks.suite import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
+    p.set_defaults(func=_bench)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", default="autoglm-phone-9b")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, TypeError) as e:
         print(f"autoglm-fast: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,71 +1,68 @@
-"""Adapter and fusion kernels at AutoGLM-Phone-9B's real shapes: ours vs eager vs torch.compile.
+"""Adapter and fusion kernels: projection + LayerNorm, adapter attention, FFN epilogues, the whole
+adapter, and the gated fusion - ours vs eager vs torch.compile.
 
-    python -m benchmarks.adapter [--json OUT] [--smoke]
-
-GPU: triton.testing.do_bench, fp16. --smoke: tiny shapes, one timed call, any device (the interpreter
-on CPU) - it checks the runner, it measures nothing worth reading.
+Real shapes (SPEC §2-3): CLIP features 257 x 1024 and Whisper features 375 x 384 into the 512-wide
+adapter (8 heads x 64), at several batches; the fusion over 3584-wide rows at 1 (a decode step) and
+4096 (a long prefill) positions. Part of `autoglm-fast bench --suite kernels`.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from .common import Row, cli, measure, measure_ceilings
+from .common import Recorder
 
 
-def _cases(smoke: bool):
-    """(case, shape label, batch, seq, in_dim, hidden) for the adapters; rows x width for the fusion."""
-    if smoke:
-        return [("vision proj+LN", 1, 10, 48, 56), ("audio proj+LN", 2, 13, 40, 56)], [1, 33], 72
-    vision = [("vision proj+LN", b, 257, 1024, 512) for b in (1, 8, 32)]
-    return vision + [("audio proj+LN", 1, 375, 384, 512)], [1, 4096], 3584
+def _cases(small: bool):
+    """(modality, batch, tokens, in_dim), adapter width, heads, text width, fusion rows."""
+    if small:
+        return [("vision", 1, 10, 48), ("audio", 2, 13, 40)], 56, 8, 72, [1, 33]
+    return ([("vision", b, 257, 1024) for b in (1, 8, 32)] + [("audio", b, 375, 384) for b in (1, 8)],
+            512, 8, 3584, [1, 4096])
 
 
-def run(smoke: bool = False) -> tuple[list[Row], object]:
+def run(rec: Recorder) -> None:
     from autoglm_fast.fast import FastDualPathAdapter, FastGatedFusion
     from autoglm_fast.kernels.linear import fused_linear
     from autoglm_fast.reference.adapter import DualPathAdapter
     from autoglm_fast.reference.fusion import GatedFusion
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    ceilings = measure_ceilings(smoke)
-    rows: list[Row] = []
-    adapter_cases, fusion_rows, hidden_text = _cases(smoke)
+    device, dtype = rec.opts.device, rec.opts.dtype
+    e = torch.empty((), dtype=dtype).element_size()
+    adapters, n, heads, hidden_text, fusion_rows = _cases(rec.opts.small)
     with torch.no_grad():
-        for name, b, seq, k, n in adapter_cases:
-            ref = DualPathAdapter(k, n).to(device, dtype).eval()
+        for modality, b, seq, k in adapters:
+            ref = DualPathAdapter(k, n, num_heads=heads).to(device, dtype).eval()
             fast = FastDualPathAdapter.from_reference(ref)
             x = torch.randn(b, seq, k, device=device, dtype=dtype)
-            m, e = b * seq, x.element_size()
-            eager_ln = lambda: ref.ln(ref.proj(x))  # noqa: E731
-            ours_ln = lambda: fused_linear(x, ref.proj.weight, ref.proj.bias, epilogue="layernorm",  # noqa: E731
-                                           ln_weight=ref.ln.weight, ln_bias=ref.ln.bias, eps=ref.ln.eps)
-            rows.append(measure(name, f"{b}x{seq}x{k}->{n}", ours_ln, eager_ln, smoke,
-                             bytes=(m * k + n * k + m * n) * e, flops=2 * m * n * k))
-            h = ours_ln()
-            qkv_flops = 2 * m * 3 * n * n + 2 * m * n * n + 4 * b * seq * seq * n  # in/out proj + attention
-            rows.append(measure(name.split()[0] + " attention", f"{b}x{seq} 8x{n // 8}",
-                             lambda: fast.attn_block(h), lambda: ref.attn(h, h, h, need_weights=False)[0], smoke,
-                             bytes=(4 * n * n + 2 * m * n) * e, flops=qkv_flops))
-            rows.append(measure(name.split()[0] + " adapter", f"{b}x{seq}x{k}->{n}", lambda: fast(x), lambda: ref(x),
-                             smoke, bytes=(m * k + (k + 12 * n) * n + m * n) * e,
-                             flops=2 * m * n * k + qkv_flops + 16 * m * n * n))
+            m, shape = b * seq, f"{b}x{seq}x{k}->{n}"
+            rec.add(f"{modality} proj+LN", shape, {
+                "ours": lambda: fused_linear(x, ref.proj.weight, ref.proj.bias, epilogue="layernorm",
+                                             ln_weight=ref.ln.weight, ln_bias=ref.ln.bias, eps=ref.ln.eps),
+                "eager": lambda: ref.ln(ref.proj(x))},
+                bytes=(m * k + n * k + m * n) * e, flops=2 * m * n * k)
+            h = ref.ln(ref.proj(x))
+            attn_flops = 2 * m * 4 * n * n + 4 * b * seq * seq * n  # q/k/v/out projections + QK^T and PV
+            rec.add(f"{modality} attention", f"{b}x{seq} {heads}x{n // heads}", {
+                "ours": lambda: fast.attn_block(h),
+                "eager": lambda: ref.attn(h, h, h, need_weights=False)[0]},
+                bytes=(4 * n * n + 2 * m * n) * e, flops=attn_flops)
+            up, down = ref.ffn[0], ref.ffn[2]
+            hidden = fused_linear(h, up.weight, up.bias, epilogue="gelu")
+            rec.add(f"{modality} ffn up+GELU", f"{m}x{n}->{4 * n}", {
+                "ours": lambda: fused_linear(h, up.weight, up.bias, epilogue="gelu"),
+                "eager": lambda: torch.nn.functional.gelu(up(h))},
+                bytes=(m * n + 4 * n * n + 4 * m * n) * e, flops=8 * m * n * n)
+            rec.add(f"{modality} ffn down+residual", f"{m}x{4 * n}->{n}", {
+                "ours": lambda: fused_linear(hidden, down.weight, down.bias, epilogue="residual", residual=h),
+                "eager": lambda: h + down(hidden)},
+                bytes=(4 * m * n + 4 * n * n + 2 * m * n) * e, flops=8 * m * n * n)
+            rec.add(f"{modality} adapter", shape, {"ours": lambda: fast(x), "eager": lambda: ref(x)},
+                    bytes=(m * k + (k + 12 * n) * n + m * n) * e, flops=2 * m * n * k + attn_flops + 16 * m * n * n)
         ref = GatedFusion(hidden_text).to(device, dtype).eval()
         fast = FastGatedFusion.from_reference(ref)
-        for r in fusion_rows:  # one sequence: r = 1 is a decode step, r = 4096 a long prefill
+        for r in fusion_rows:  # one sequence: 1 row is a decode step, 4096 a long prefill
             t = torch.randn(1, r, hidden_text, device=device, dtype=dtype)
             v, a = torch.randn_like(t[:, 0]), torch.randn_like(t[:, 0])
-            rows.append(measure("gated fusion", f"{r} rows x {hidden_text}", lambda: fast(t, v, a),
-                             lambda: ref(t, v, a), smoke, bytes=(2 * r * hidden_text + 11 * hidden_text) * t.element_size(),
-                             flops=6 * r * hidden_text))
-    return rows, ceilings
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli(__doc__, "benchmarks.adapter", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            rec.add("gated fusion", f"{r} rows x {hidden_text}", {
+                "ours": lambda: fast(t, v, a), "eager": lambda: ref(t, v, a)},
+                bytes=(2 * r * hidden_text + 11 * hidden_text) * e, flops=6 * r * hidden_text, graph=r == 1)

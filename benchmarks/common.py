@@ -1,115 +1,218 @@
-"""Timing, device ceilings and the roofline arithmetic shared by the benchmark runners."""
+"""Timing, device ceilings and the roofline arithmetic shared by the benchmark suites."""
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
+NAN = float("nan")
+
 
 @dataclass
 class Ceilings:
     """What this device can do, measured at the start of a run (so % of roofline means the same anywhere)."""
     device: str
-    bandwidth_gbs: float    # device-to-device copy, GB/s (read + write counted)
-    matmul_tflops: float    # dense fp16 matmul
+    bandwidth_gbs: float                  # device-to-device copy, GB/s (read + write counted)
+    matmul_tflops: dict[str, float]       # dtype name ("float16", ...) -> dense matmul TFLOP/s
+
+    def peak_tflops(self, dtype: str) -> float:
+        return self.matmul_tflops.get(dtype, NAN)
 
 
 @dataclass
 class Row:
+    """One case: median ms per implementation ("ours" is always the one the row is about)."""
+    suite: str
     case: str
     shape: str
-    ms: dict[str, float]                       # implementation -> median ms ("ours", "eager", "compile")
+    dtype: str
+    ms: dict[str, float]
     quantiles: dict[str, tuple[float, float]] = field(default_factory=dict)  # 20 % / 80 %
-    bytes: int = 0
+    bytes: int = 0                 # the least HBM traffic the op needs
     flops: int = 0
+    timer: str = "stream"          # "stream" (do_bench), "graph" (CUDA-graph replay), "call", "engine"
+    metrics: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # implementation -> why it has no time
 
     def roofline_ms(self, c: Ceilings) -> float:
-        """The larger of the memory and the compute lower bound."""
-        return max(self.bytes / (c.bandwidth_gbs * 1e9), self.flops / (c.matmul_tflops * 1e12)) * 1e3
+        """The larger of the memory and the compute lower bound (a bound that is not known counts as 0)."""
+        memory = self.bytes / (c.bandwidth_gbs * 1e9) if self.bytes else 0.0
+        compute = self.flops / (c.peak_tflops(self.dtype) * 1e12) if self.flops else 0.0
+        bound = max(memory, compute)
+        return bound * 1e3 if bound > 0 else NAN  # NaN ceilings give NaN through the max as well
+
+    def bound(self, c: Ceilings) -> str:
+        memory = self.bytes / c.bandwidth_gbs if self.bytes else 0.0
+        compute = self.flops / (c.peak_tflops(self.dtype) * 1e3) if self.flops else 0.0
+        return "memory" if memory >= compute else "compute"
 
     def to_dict(self, c: Ceilings) -> dict:
-        ours = self.ms["ours"]
+        """The row plus what follows from it: GB/s, TFLOP/s, % of roofline, speedup of ours over the others."""
+        ours = self.ms.get("ours", NAN)
         d = asdict(self)
-        d.update(gbs=self.bytes / ours / 1e6, tflops=self.flops / ours / 1e9,
+        d.update(gbs=self.bytes / ours / 1e6 if self.bytes else NAN,
+                 tflops=self.flops / ours / 1e9 if self.flops else NAN,
+                 roofline_ms=self.roofline_ms(c), bound=self.bound(c),
                  roofline_pct=100 * self.roofline_ms(c) / ours,
                  speedup={k: v / ours for k, v in self.ms.items() if k != "ours"})
         return d
 
 
-def bench(fn: Callable[[], object], smoke: bool = False) -> tuple[float, float, float]:
-    """(median, 20 %, 80 %) ms. GPU: triton.testing.do_bench; smoke mode: one timed call on any device."""
-    if smoke:
-        fn()
+def bench(fn: Callable[[], object], timer: str) -> tuple[float, float, float, str]:
+    """(median, 20 %, 80 %) ms and the timer actually used.
+
+    "stream": triton.testing.do_bench (L2 flushed between calls). "graph": the calls unrolled into one CUDA
+    graph (do_bench_cudagraph), for launch-bound decode-size ops - falls back to "stream" if `fn` cannot be
+    captured. "call": one timed call after one warm-up, on any device (smoke runs; measures nothing real).
+    """
+    fn()  # warm-up: Triton autotuning and torch.compile happen here, outside any capture
+    if timer == "call":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         ms = (time.perf_counter() - t) * 1e3
-        return ms, ms, ms
-    from triton.testing import do_bench
+        return ms, ms, ms, timer
+    from triton.testing import do_bench, do_bench_cudagraph
+    if timer == "graph":
+        try:
+            med, lo, hi = do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+            return med, lo, hi, "graph"
+        except Exception:  # noqa: BLE001 - host syncs or allocator use during capture: time it on the stream
+            torch.cuda.synchronize()
     med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    return med, lo, hi
+    return med, lo, hi, "stream"
 
 
-def measure_ceilings(smoke: bool = False) -> Ceilings:
-    if smoke or not torch.cuda.is_available():
-        return Ceilings("cpu (smoke)", bandwidth_gbs=float("nan"), matmul_tflops=float("nan"))
-    n = 1 << 28  # 512 MiB of fp16: far past any cache
-    src = torch.empty(n, dtype=torch.float16, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = bench(lambda: dst.copy_(src))[0]
-    a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
-    mm_ms = bench(lambda: a @ a)[0]
-    return Ceilings(torch.cuda.get_device_name(), bandwidth_gbs=2 * n * 2 / copy_ms / 1e6,
-                    matmul_tflops=2 * 8192 ** 3 / mm_ms / 1e9)
+def _timed_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) * 1e3 / reps
 
 
-def compiled(fn: Callable, smoke: bool) -> Callable | None:
-    """torch.compile baseline; skipped in smoke mode (compiling takes longer than the run)."""
-    if smoke:
-        return None
-    return torch.compile(fn, mode="max-autotune-no-cudagraphs")
+def measure_ceilings(device: str, quick: bool = False) -> Ceilings:
+    """Copy bandwidth and dense matmul rate of `device`, measured now.
+
+    CUDA: a 512 MiB copy (far past any cache) and 8192^3 matmuls in fp16 and bf16, timed with do_bench.
+    CPU (smoke runs): a 64 MiB copy and an fp32 matmul with a wall clock - enough to make the arithmetic
+    of a smoke run concrete, not a statement about the CPU.
+    """
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        n = 1 << 28
+        src = torch.empty(n, dtype=torch.float16, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+        del src, dst
+        peaks = {}
+        for dtype in (torch.float16, torch.bfloat16):
+            a = torch.randn(8192, 8192, dtype=dtype, device=device)
+            b = torch.randn(8192, 8192, dtype=dtype, device=device)
+            peaks[str(dtype).removeprefix("torch.")] = 2 * 8192 ** 3 / do_bench(lambda: a @ b, return_mode="median") / 1e9
+        return Ceilings(torch.cuda.get_device_name(device), 2 * n * 2 / copy_ms / 1e6, peaks)
+    n, m = (1 << 24) if not quick else (1 << 20), 512 if quick else 1024
+    src, dst = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    copy_ms = _timed_ms(lambda: dst.copy_(src), 5)
+    a = torch.randn(m, m)
+    mm_ms = _timed_ms(lambda: a @ a, 5)
+    return Ceilings("cpu", 2 * n * 4 / copy_ms / 1e6, {"float32": 2 * m ** 3 / mm_ms / 1e9})
 
 
-def format_rows(rows: list[Row], c: Ceilings) -> str:
-    head = (f"{'case':<22} {'shape':<26} {'ours ms':>9} {'eager ms':>9} {'compile ms':>10} "
-            f"{'GB/s':>8} {'TFLOP/s':>8} {'roofline':>8} {'vs eager':>8} {'vs compile':>10}")
-    lines = [f"device: {c.device}; copy {c.bandwidth_gbs:.0f} GB/s, fp16 matmul {c.matmul_tflops:.0f} TFLOP/s",
-             head]
-    for r in rows:
-        d = r.to_dict(c)
-        eager, comp = r.ms.get("eager", float("nan")), r.ms.get("compile", float("nan"))
-        lines.append(f"{r.case:<22} {r.shape:<26} {r.ms['ours']:>9.4f} {eager:>9.4f} {comp:>10.4f} "
-                     f"{d['gbs']:>8.1f} {d['tflops']:>8.2f} {d['roofline_pct']:>7.1f}% "
-                     f"{d['speedup'].get('eager', float('nan')):>7.2f}x {d['speedup'].get('compile', float('nan')):>9.2f}x")
-    return "\n".join(lines)
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def measure(case: str, shape: str, ours: Callable, eager: Callable, smoke: bool, bytes: int, flops: int) -> Row:
-    """One row: ours, eager and torch.compile of eager (not in smoke mode), median and 20/80 % quantiles."""
-    ms, q = {}, {}
-    for impl, fn in {"ours": ours, "eager": eager, "compile": compiled(eager, smoke)}.items():
-        if fn is not None:
-            med, lo, hi = bench(fn, smoke)
-            ms[impl], q[impl] = med, (lo, hi)
-    return Row(case, shape, ms, q, bytes, flops)
+@dataclass
+class Options:
+    shapes: str = "small"              # "small": tiny shapes (any device); "real": AutoGLM-Phone-9B's
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    compile_mode: str | None = None    # torch.compile mode for the "compile" baselines; None: no such column
+    filter: str | None = None          # only cases whose "case shape" contains this (case-insensitive)
+    compile_reference: bool = False    # e2e: also time torch.compile of the reference backend
+
+    @property
+    def small(self) -> bool:
+        return self.shapes == "small"
+
+    @property
+    def timer(self) -> str:
+        return "stream" if torch.device(self.device).type == "cuda" else "call"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
-def cli(doc: str, name: str, run: Callable[[bool], tuple[list[Row], Ceilings]], argv: list[str] | None) -> int:
-    """The shared command line of the runners: --json OUT, --smoke."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="write the rows and ceilings here")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, one call each, any device")
-    args = p.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print(f"{name} measures on a CUDA GPU; none here (use --smoke to exercise the runner)")
-        return 0
-    rows, ceilings = run(args.smoke)
-    print(format_rows(rows, ceilings))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ceilings": asdict(ceilings), "rows": [r.to_dict(ceilings) for r in rows],
-                       "torch": torch.__version__}, f, indent=2)
-    return 0
+def compiled(fn: Callable, mode: str) -> Callable:
+    """torch.compile of an eager baseline, compiled afresh for this case.
+
+    Resetting dynamo first matters: every case's lambda shares one code object, so without it the 9th
+    shape would hit the recompile limit and silently run eager - and dynamic shapes would creep in.
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def _why(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+class Recorder:
+    """Collects a suite's rows; `on_row` sees each one as it lands (progress lines, incremental JSON)."""
+
+    def __init__(self, suite: str, opts: Options, on_row: Callable[[Row], None] | None = None):
+        self.suite, self.opts, self.on_row, self.rows = suite, opts, on_row, []
+
+    def selected(self, case: str, shape: str) -> bool:
+        return not self.opts.filter or self.opts.filter.lower() in f"{case} {shape}".lower()
+
+    def add(self, case: str, shape: str, impls: dict[str, Callable | None], *, bytes: int = 0, flops: int = 0,
+            graph: bool = False) -> Row | None:
+        """Time every implementation (plus torch.compile of "eager" when the options ask for it).
+
+        graph=True: a decode-size op whose launch overhead would dominate - timed as CUDA-graph replay.
+        An implementation that raises is recorded as an error on the row; the run goes on.
+        """
+        if not self.selected(case, shape):
+            return None
+        impls = dict(impls)
+        if self.opts.compile_mode and impls.get("eager") is not None:
+            impls["compile"] = lambda: compiled(impls["eager"], self.opts.compile_mode)
+        row = Row(self.suite, case, shape, self.opts.dtype_name, {}, bytes=bytes, flops=flops)
+        timer = "graph" if graph and self.opts.timer == "stream" else self.opts.timer
+        ready, used = {}, set()
+        for impl, fn in impls.items():
+            if fn is None:
+                continue
+            try:
+                fn = fn() if impl == "compile" else fn
+                med, lo, hi, how = bench(fn, timer)
+                row.ms[impl], row.quantiles[impl], ready[impl] = med, (lo, hi), fn
+                used.add(how)
+            except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+                row.errors[impl] = _why(e)
+        if len(used) > 1:  # one could not be captured: time them all on the stream, so the row compares alike
+            for impl, fn in ready.items():
+                med, lo, hi, _ = bench(fn, "stream")
+                row.ms[impl], row.quantiles[impl] = med, (lo, hi)
+            used = {"stream"}
+        row.timer = used.pop() if used else timer
+        return self.record(row)
+
+    def record(self, row: Row) -> Row:
+        self.rows.append(row)
+        if self.on_row:
+            self.on_row(row)
+        return row

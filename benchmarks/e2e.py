@@ -1,23 +1,23 @@
-"""End to end through the engine: the full autoglm-phone-9b preset with seeded random fp16 weights.
+"""End to end through the engine: the full autoglm-phone-9b preset with seeded random weights.
 
-    python -m benchmarks.e2e [--json OUT] [--smoke] [--backend fast|reference]
-
-Reports time to first token for one image + 5 s of audio + 64 text tokens, batch-1 decode ms/token
-against the weight-bandwidth roofline (every backbone weight is read once per decode step), tokens/s
-at batch 8 and 32, and peak GPU memory. --smoke: the nano preset on any device (checks the runner).
+Rows (`autoglm-fast bench --suite e2e`):
+- decode b1: ms per token once a single request decodes, fast backend with and without CUDA graphs
+  and the reference backend; the roofline is every decode-step weight read once (the embedding table
+  is not: a step reads one row of it) - SPEC §4's 16.3 GB.
+- ttft: one image + 5 s of audio + 64 text tokens to the first generated token; the roofline counts
+  the backbone's matmuls over the prompt (encoders left out, so it is a lower bound).
+- throughput b8 / b32: ms per generated token for that many requests at once (tokens/s in metrics).
+Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
+import gc
 import statistics
-import sys
 import time
 
 import torch
 
-from .common import measure_ceilings
+from .common import NAN, Options, Recorder, Row, _why
 
 
 def _sync() -> None:
@@ -25,26 +25,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _ttft(engine, request: dict, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def _ttft(engine, request: dict, repeats: int, warmup: bool) -> tuple[float, int]:
+    """Median ms from add_request to the first token, and the prompt's length in tokens."""
+    times, prompt_tokens = [], 0
+    for _ in range(repeats + warmup):  # a warm-up first: autotuning, the allocator's first blocks
         _sync()
         start = time.perf_counter()
         rid = engine.add_request(**request)
-        while True:
-            outs = [o for o in engine.step() if o.request_id == rid and o.token_ids]
-            if outs:
-                break
+        while not (outs := [o for o in engine.step() if o.request_id == rid and o.token_ids]):
+            pass
         _sync()
         times.append(time.perf_counter() - start)
+        prompt_tokens = outs[0].prompt_tokens
         engine.abort(rid)
         while engine.has_unfinished():
             engine.step()
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times[int(warmup):]), prompt_tokens
 
 
-def _decode_ms(engine, params, tokens: int) -> float:
-    """Median step time once the single request is decoding."""
+def _decode_ms(engine, params) -> tuple[float, float, float]:
+    """Median and 20/80 % step time once a single request is decoding."""
     rid, steps = engine.add_request("benchmark", params), []
     while engine.has_unfinished():
         _sync()
@@ -52,64 +52,87 @@ def _decode_ms(engine, params, tokens: int) -> float:
         outs = engine.step()
         _sync()
         if any(o.request_id == rid and o.completion_tokens > 1 for o in outs):
-            steps.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(steps) if steps else math.nan
+            steps.append(1e3 * (time.perf_counter() - t))
+    if not steps:
+        return NAN, NAN, NAN
+    q = statistics.quantiles(steps, n=10) if len(steps) > 1 else [steps[0]] * 9
+    return statistics.median(steps), q[1], q[7]
 
 
-def _throughput(engine, params, batch: int) -> float:
+def _ms_per_token(engine, params, batch: int) -> float:
     start = time.perf_counter()
     outs = engine.generate(["x " * 32] * batch, params)
     _sync()
-    return sum(o.completion_tokens for o in outs) / (time.perf_counter() - start)
+    return 1e3 * (time.perf_counter() - start) / sum(o.completion_tokens for o in outs)
 
 
-def run(smoke: bool, backend: str | None) -> dict:
+def _request(engine) -> tuple[dict, str]:
     from autoglm_fast.demo import demo_image, demo_tone
+    from autoglm_fast.engine import SamplingParams
+    try:
+        images, what = [demo_image(224)], "image + 5 s audio + 64 text"
+    except ImportError:  # Pillow is an optional extra; the GPU check's image may lack it
+        images, what = [], "5 s audio + 64 text (no Pillow: no image)"
+    return dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=images,
+                audio=[demo_tone(engine.config, seconds=5.0)]), what
+
+
+def run(rec: Recorder) -> None:
     from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
 
-    preset, new_tokens = ("nano", 4) if smoke else ("autoglm-phone-9b", 128)
-    sched = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=1024)
-    engine = Engine.from_preset(preset, backend=backend, scheduler=sched)
-    config = engine.config
-    ceilings = measure_ceilings(smoke)
-    weight_bytes = engine.model.parameter_counts()["backbone"] * engine.dtype.itemsize
+    opts: Options = rec.opts
+    small = opts.small
+    preset, new_tokens, repeats = ("nano", 4, 1) if small else ("autoglm-phone-9b", 128, 5)
+    batches = (2,) if small else (8, 32)
+    sched = SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=2048, max_model_len=1024)
     greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
-    try:
-        images, inputs = [demo_image(224)], "image + 5 s audio + 64 text tokens"
-    except ImportError:  # Pillow is an optional extra; the GPU check's image may not have it
-        images, inputs = [], "5 s audio + 64 text tokens (no Pillow: no image)"
-    request = dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=images,
-                   audio=[demo_tone(config, seconds=5.0)])
-    result = {"preset": preset, "backend": engine.backend, "device": ceilings.device, "dtype": str(engine.dtype),
-              "torch": torch.__version__, "ceilings": ceilings.__dict__,
-              "ttft_inputs": inputs, "ttft_ms": _ttft(engine, request, 1 if smoke else 5),
-              "decode_ms_per_token": _decode_ms(engine, greedy, new_tokens)}
-    result["decode_roofline_ms"] = weight_bytes / (ceilings.bandwidth_gbs * 1e9) * 1e3
-    result["decode_roofline_pct"] = 100 * result["decode_roofline_ms"] / result["decode_ms_per_token"]
-    for batch in (2,) if smoke else (8, 32):
-        result[f"tokens_per_s_batch{batch}"] = _throughput(engine, greedy, batch)
-    if torch.cuda.is_available():
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
+    label = f"{preset} {opts.dtype_name}"
+    decode = Row("e2e", "decode b1", label, opts.dtype_name, {}, timer="engine")
+    ttft = Row("e2e", "ttft", label, opts.dtype_name, {}, timer="engine")
+    throughput = {b: Row("e2e", f"throughput b{b}", label, opts.dtype_name, {}, timer="engine") for b in batches}
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--smoke", action="store_true", help="the nano preset, any device")
-    p.add_argument("--backend", choices=["fast", "reference"])
-    args = p.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("benchmarks.e2e measures on a CUDA GPU; none here (use --smoke to exercise the runner)")
-        return 0
-    result = run(args.smoke, args.backend)
-    for key, value in result.items():
-        print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    variants = [("ours", "fast", True), ("ours, no graphs", "fast", False), ("reference", "reference", False)]
+    if opts.compile_reference:
+        variants.append(("reference+compile", "reference", False))
+    for impl, backend, graphs in variants:
+        if not rec.selected(impl, label):  # -k picks backends here
+            continue
+        engine = None
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            engine = Engine.from_preset(preset, backend=backend, dtype=opts.dtype, device=opts.device,
+                                        scheduler=sched, cuda_graphs=graphs)
+            if impl == "reference+compile":
+                for layer in engine.model.model.layers:
+                    layer.compile(mode=opts.compile_mode or "default")
+            counts = engine.model.parameter_counts()
+            per_step = counts["backbone"] - engine.model.model.embed_tokens.weight.numel()
+            decode.bytes = ttft.bytes = per_step * engine.dtype.itemsize
+            med, lo, hi = _decode_ms(engine, greedy)
+            decode.ms[impl], decode.quantiles[impl] = med, (lo, hi)
+            if impl == "ours" and torch.cuda.is_available():
+                decode.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if impl == "ours, no graphs":
+                continue  # TTFT and throughput take no graphs (prefill) or barely differ (batched decode)
+            request, what = _request(engine)
+            ttft.ms[impl], prompt_tokens = _ttft(engine, request, repeats, warmup=not small)
+            lm_head = engine.model.lm_head.weight.numel()  # prefill projects only the last position
+            ttft.shape = f"{label}, {what} ({prompt_tokens} tokens)"
+            ttft.flops = 2 * (per_step - lm_head) * prompt_tokens + 2 * lm_head
+            if backend == "reference" and not small:
+                continue  # the reference runs requests one by one: batch 32 x 128 tokens would not fit the time
+            for b, row in throughput.items():
+                row.ms[impl] = _ms_per_token(engine, greedy, b)
+                row.metrics[f"{impl} tokens/s"] = 1e3 / row.ms[impl]
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for a baseline: record it, go on
+            for row in (decode, ttft, *throughput.values()):
+                row.errors.setdefault(impl, _why(e))
+        finally:
+            del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    for row in (decode, ttft, *throughput.values()):
+        if row.ms or row.errors:
+            rec.record(row)

@@ -1,46 +1,160 @@
-"""The benchmark runner works (smoke mode, interpreter on CPU) and its roofline arithmetic is right."""
+"""The benchmark suite: roofline arithmetic with known numbers, the CPU smoke run of `autoglm-fast bench`
+(JSON, Markdown, plots well formed), compare mode, and clear errors. It asserts no speed."""
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from autoglm_fast.benchmarks.common import Ceilings, Row
+from autoglm_fast.benchmarks import report
+from autoglm_fast.benchmarks.common import Ceilings, Options, Recorder, Row, measure_ceilings
+from autoglm_fast.benchmarks.suite import main as bench_main
 from kernel_harness import requires_kernels
 
+CLI = str(Path(sys.executable).parent / "autoglm-fast")
+CEIL = Ceilings("test", bandwidth_gbs=1000.0, matmul_tflops={"float16": 100.0, "bfloat16": 50.0})
 
-def test_roofline_arithmetic_with_known_numbers():
-    c = Ceilings("test", bandwidth_gbs=1000.0, matmul_tflops=100.0)
-    mem = Row("copy-like", "-", {"ours": 2.0, "eager": 4.0, "compile": 3.0}, bytes=10**9, flops=10**9)
-    d = mem.to_dict(c)
-    assert mem.roofline_ms(c) == pytest.approx(1.0)          # 1 GB at 1000 GB/s = 1 ms > 1 GFLOP at 100 TFLOP/s
-    assert d["roofline_pct"] == pytest.approx(50.0) and d["gbs"] == pytest.approx(500.0)
+
+def test_roofline_is_the_larger_bound_with_the_rows_dtype_peak():
+    mem = Row("k", "copy-like", "-", "float16", {"ours": 2.0, "eager": 4.0, "compile": 3.0}, bytes=10**9, flops=10**9)
+    d = mem.to_dict(CEIL)
+    assert mem.roofline_ms(CEIL) == pytest.approx(1.0)      # 1 GB at 1000 GB/s = 1 ms > 1 GFLOP at 100 TFLOP/s
+    assert d["bound"] == "memory" and d["roofline_pct"] == pytest.approx(50.0) and d["gbs"] == pytest.approx(500.0)
     assert d["speedup"] == {"eager": pytest.approx(2.0), "compile": pytest.approx(1.5)}
-    compute = Row("gemm", "-", {"ours": 0.5}, bytes=10**6, flops=4 * 10**10)
-    assert compute.roofline_ms(c) == pytest.approx(0.4)      # compute bound: 40 GFLOP at 100 TFLOP/s
-    assert compute.to_dict(c)["tflops"] == pytest.approx(80.0)
+    gemm = Row("k", "gemm", "-", "float16", {"ours": 0.5}, bytes=10**6, flops=4 * 10**10)
+    assert gemm.roofline_ms(CEIL) == pytest.approx(0.4)     # compute bound: 40 GFLOP at 100 TFLOP/s
+    assert gemm.to_dict(CEIL)["tflops"] == pytest.approx(80.0) and gemm.bound(CEIL) == "compute"
+    assert gemm.to_dict(CEIL)["roofline_pct"] == pytest.approx(80.0)
+    gemm.dtype = "bfloat16"                                  # half the peak: twice the bound
+    assert gemm.roofline_ms(CEIL) == pytest.approx(0.8)
+    bytes_only = Row("k", "norm", "-", "float16", {"ours": 0.004}, bytes=2 * 10**6)
+    assert bytes_only.roofline_ms(CEIL) == pytest.approx(0.002) and math.isnan(bytes_only.to_dict(CEIL)["tflops"])
+
+
+def test_unknown_bounds_give_nan_not_a_number_that_looks_real():
+    assert math.isnan(Row("e2e", "ttft", "-", "float16", {"ours": 1.0}).roofline_ms(CEIL))
+    fp8 = Row("k", "gemm", "-", "float8", {"ours": 1.0}, flops=10**9)  # no measured peak for this dtype
+    assert math.isnan(fp8.roofline_ms(CEIL))
+    no_ceilings = Ceilings("cpu", float("nan"), {})
+    assert math.isnan(Row("k", "x", "-", "float32", {"ours": 1.0}, bytes=10).to_dict(no_ceilings)["roofline_pct"])
+
+
+def test_cpu_ceilings_are_measured():
+    c = measure_ceilings("cpu", quick=True)
+    assert c.bandwidth_gbs > 0 and c.peak_tflops("float32") > 0
+
+
+def test_recorder_keeps_going_past_a_failing_implementation_and_filters():
+    rows = []
+    rec = Recorder("kernels", Options(filter="keep"), rows.append)
+
+    def broken():
+        raise RuntimeError("boom\nsecond line")
+
+    row = rec.add("keep me", "1x1", {"ours": lambda: None, "eager": broken}, bytes=8)
+    assert row.ms["ours"] > 0 and "eager" not in row.ms and row.errors == {"eager": "RuntimeError: boom"}
+    assert rec.add("skipped", "1x1", {"ours": lambda: None}) is None
+    assert rows == [row] and row.timer == "call"
+
+
+def _strict(text: str) -> dict:
+    def no_nan(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=no_nan)
 
 
 @requires_kernels
-def test_adapter_runner_smoke(tmp_path):
-    from autoglm_fast.benchmarks import adapter
-    assert adapter.main(["--smoke", "--json", str(tmp_path / "out.json")]) == 0
-    out = json.loads((tmp_path / "out.json").read_text())
-    cases = {r["case"] for r in out["rows"]}
-    assert {"vision proj+LN", "audio proj+LN", "vision attention", "vision adapter", "gated fusion"} <= cases
-    assert all(r["ms"]["ours"] > 0 and r["ms"]["eager"] > 0 for r in out["rows"])
+def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
+    """The acceptance command: `autoglm-fast bench --shapes small` on a CPU-only machine, all three outputs."""
+    out = subprocess.run([CLI, "bench", "--shapes", "small", "--json", str(tmp_path / "run.json"),
+                          "--markdown", str(tmp_path / "run.md"), "--plot", str(tmp_path / "plots")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = _strict((tmp_path / "run.json").read_text())
+    assert run["schema"] == report.SCHEMA and run["complete"] and run["options"]["suites"] == ["kernels", "e2e"]
+    assert {"device", "torch", "triton", "python"} <= set(run["environment"]) and run["commit"] and run["date"]
+    assert run["ceilings"]["bandwidth_gbs"] > 0 and run["ceilings"]["matmul_tflops"]["float32"] > 0
+    cases = {r["case"] for r in run["rows"]}
+    assert {"vision proj+LN", "audio proj+LN", "vision attention", "audio attention", "vision adapter",
+            "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
+            "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
+    for r in run["rows"]:
+        assert r["ms"]["ours"] > 0 and not r["errors"], r
+        assert set(r["speedup"]) == set(r["ms"]) - {"ours"}
+    decode = next(r for r in run["rows"] if r["case"] == "decode attention")
+    assert decode["ms"].keys() == {"ours", "eager", "sdpa"} and decode["roofline_pct"] > 0
+    assert decode["gbs"] == pytest.approx(decode["bytes"] / decode["ms"]["ours"] / 1e6)
+    e2e = next(r for r in run["rows"] if r["case"] == "decode b1")
+    assert {"ours", "ours, no graphs", "reference"} <= set(e2e["ms"]) and e2e["roofline_pct"] > 0
+
+    md = (tmp_path / "run.md").read_text()
+    assert "## kernels" in md and "## e2e" in md and "% roofline" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == len(run["rows"]) + 2  # a header per suite + one line per row
+    assert len({line.count("|") for line in table if "kernels" not in line}) <= 2  # one width per suite
+    from PIL import Image
+    for name in ("speedup.png", "roofline.png"):
+        with Image.open(tmp_path / "plots" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+    assert "wrote" in out.stdout and "[kernels] gated fusion" in out.stdout  # progress lines as rows land
 
 
-@requires_kernels
-def test_backbone_runner_smoke(tmp_path):
-    from autoglm_fast.benchmarks import backbone
-    assert backbone.main(["--smoke", "--json", str(tmp_path / "out.json")]) == 0
-    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
-    assert {"decode attention", "prefill attention", "rmsnorm+residual", "swiglu"} <= {r["case"] for r in rows}
-    assert all(r["ms"]["ours"] > 0 and r["ms"]["eager"] > 0 for r in rows)
+def _run(rows, device="GPU X", commit="abc"):
+    return {"schema": report.SCHEMA, "date": "2026-11-28T00:00:00+00:00", "commit": commit, "complete": True,
+            "environment": {"device": device, "torch": "t", "triton": "3.6", "python": "3.12"},
+            "options": {"suites": ["kernels"], "shapes": "real", "dtype": "float16", "compile_mode": "default"},
+            "ceilings": {"device": device, "bandwidth_gbs": 1000.0, "matmul_tflops": {"float16": 100.0}},
+            "rows": [Row("kernels", case, shape, "float16", {"ours": ms, "eager": 1.0}, bytes=10**6).to_dict(CEIL)
+                     for case, shape, ms in rows]}
 
 
-def test_e2e_runner_smoke(tmp_path):
-    from autoglm_fast.benchmarks import e2e
-    assert e2e.main(["--smoke", "--backend", "reference", "--json", str(tmp_path / "out.json")]) == 0
-    r = json.loads((tmp_path / "out.json").read_text())
-    assert r["preset"] == "nano" and r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0
-    assert r["tokens_per_s_batch2"] > 0
+def test_compare_flags_only_regressions_over_the_threshold(tmp_path, capsys):
+    base = _run([("a", "1", 1.0), ("b", "1", 1.0), ("c", "1", 1.0), ("gone", "1", 1.0)])
+    now = _run([("a", "1", 1.10), ("b", "1", 1.03), ("c", "1", 0.5), ("new", "1", 1.0)])
+    text, regressions = report.compare(now, base, 0.05)
+    assert [(r["case"], r["ms"]) for r in regressions] == [("a", 1.10)]
+    assert "REGRESSION (+10.0 %)" in text and "2.00x" in text and "0.97x" in text
+    assert "new" in text and "gone 1" in text and "1 regression(s) over 5 %" in text
+    assert len(report.compare(now, base, 0.15)[1]) == 0
+    report.write_json(base, tmp_path / "base.json")
+    report.write_json(now, tmp_path / "now.json")
+    args = ["--load", str(tmp_path / "now.json"), "--compare", str(tmp_path / "base.json")]
+    assert bench_main(args) == 0
+    assert bench_main(args + ["--fail-on-regression"]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    other = _run([("a", "1", 1.0)], device="GPU Y")
+    assert "different devices" in report.compare(other, base)[0]
+
+
+def test_saved_runs_merge_and_render_and_partial_runs_say_so(tmp_path):
+    kernels, e2e = _run([("a", "1", 1.0)], commit="abc"), _run([("b", "2", 2.0)], commit="abc")
+    e2e["complete"], e2e["options"]["suites"] = False, ["e2e"]
+    merged = report.merge([kernels, e2e])
+    assert [r["case"] for r in merged["rows"]] == ["a", "b"] and merged["options"]["suites"] == ["kernels", "e2e"]
+    assert not merged["complete"] and "incomplete run" in report.markdown(merged)
+    with pytest.raises(ValueError, match="cannot merge"):
+        report.merge([kernels, _run([], device="GPU Y")])
+    bad = Row("kernels", "x", "1", "float16", {"ours": float("nan")}, bytes=1).to_dict(CEIL)
+    report.write_json(_run([]) | {"rows": [bad]}, tmp_path / "nan.json")
+    assert _strict((tmp_path / "nan.json").read_text())["rows"][0]["ms"]["ours"] is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_arguments_get_clear_errors(tmp_path, capsys, monkeypatch):
+    if not torch.cuda.is_available():
+        assert bench_main(["--shapes", "real"]) == 2
+        assert "--shapes real needs a CUDA GPU" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    assert bench_main(["--load", str(tmp_path / "other.json")]) == 2
+    assert "not an autoglm-fast benchmark run" in capsys.readouterr().err
+    assert bench_main(["--load", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read benchmark results" in capsys.readouterr().err
+    assert bench_main(["--load", str(tmp_path / "other.json"), "--threshold", "-1"]) == 2
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
+    assert bench_main(["--suite", "kernels", "--plot", str(tmp_path)]) == 2
+    assert "pip install 'autoglm-fast[bench]'" in capsys.readouterr().err
+    assert subprocess.run([sys.executable, "-m", "autoglm_fast.benchmarks", "--help"], capture_output=True,
+                          text=True, timeout=60).stdout.count("--compare") >= 1
