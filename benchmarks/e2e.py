@@ -133,6 +133,6 @@ def run(rec: Recorder) -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    for row in (decode, ttft, *throughput.values()):
-        if row.ms or row.errors:
-            rec.record(row)
+        for row in (decode, ttft, *throughput.values()):  # after each backend: a time box keeps what ran
+            if row.ms or row.errors:
+                rec.record(row)

@@ -3,6 +3,7 @@
 # included: bf16 dots, real-shape checks, CUDA-graph capture), then the benchmark suites.
 # Writes logs, JSON and Markdown (and plots, where matplotlib is installed) to $OUT or the folder given.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
+# (SHAPES=small PYTHON=.venv/bin/python runs the same plumbing on a CPU in a minute or two: a dry run.)
 # Budget: under 8 minutes - every stage has its own timeout, and the suites rewrite their JSON after
 # each row, so a stage cut short still leaves what it measured. No downloads: the checkout is installed
 # into the image's Python without dependencies. The commit comes from git, else from a .commit file.
@@ -12,7 +13,10 @@ OUT="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET
-export AUTOGLM_FAST_COMMIT="${AUTOGLM_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || cat .commit 2>/dev/null || echo unknown)}"
+# The suites read the commit from git (marking a dirty tree); a copy without .git names it in .commit.
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${AUTOGLM_FAST_COMMIT:-}" ] && [ -f .commit ]; then
+  export AUTOGLM_FAST_COMMIT="$(cat .commit)"
+fi
 start=$SECONDS
 stage() { echo "== $1 ($((SECONDS - start)) s in)" | tee -a "$OUT/stages.log"; }
 
@@ -21,24 +25,24 @@ stage install
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  echo "commit $AUTOGLM_FAST_COMMIT"
+  echo "commit ${AUTOGLM_FAST_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
 } | tee "$OUT/env.txt"
 
 status=0
 stage tests
 # Test files that need no optional extras (the image has no fastapi, maybe no transformers/Pillow).
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py \
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py \
   tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py tests/test_engine.py \
   tests/test_sampling.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest.log"
 
-BENCH=("$PY" -m autoglm_fast.benchmarks --shapes real)
+BENCH=("$PY" -m autoglm_fast.benchmarks --shapes "${SHAPES:-real}")
 # torch.compile's default mode here: max-autotune on every case would not fit the budget (run it by hand).
 stage "kernels suite"
-timeout 170 "${BENCH[@]}" --suite kernels --compile-mode default --json "$OUT/kernels.json" \
+timeout 210 "${BENCH[@]}" --suite kernels --compile-mode default --json "$OUT/kernels.json" \
   >"$OUT/kernels.log" 2>&1 || status=1
 stage "e2e suite"
-timeout 110 "${BENCH[@]}" --suite e2e --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1 || status=1
+timeout 90 "${BENCH[@]}" --suite e2e --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1 || status=1
 
 stage report
 PLOT=()
