@@ -1,7 +1,7 @@
 """`autoglm-fast bench` (also `python -m benchmarks`): the benchmark suites, their report, the comparison.
 
-    autoglm-fast bench [--suite kernels|e2e|all] [--shapes small|real] [--json OUT] [--markdown OUT]
-                       [--plot DIR] [--compare BASE.json] [-k FILTER] [--load RUN.json]
+    autoglm-fast bench [--suite kernels|e2e|all] [--shapes small|real] [--out DIR] [--json OUT]
+                       [--markdown OUT] [--plot DIR] [--compare BASE.json] [-k FILTER] [--load RUN.json ...]
 
 Each run first measures the device's copy bandwidth and dense matmul rate, then times every case:
 ours vs eager PyTorch vs torch.compile (and SDPA for attention), reported as ms, GB/s or TFLOP/s and %
@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile mode of the compile baselines, or 'none' (default: %(default)s)")
     p.add_argument("--compile-reference", action="store_true",
                    help="e2e: also time torch.compile of the reference backend (compiles the 9B decoder: slow)")
+    p.add_argument("--out", metavar="DIR", help="write results.json, results.md and plots/ here (default for a "
+                   "measuring run given none of --json/--markdown/--plot: bench-results/<time>-<device>)")
     p.add_argument("--json", metavar="OUT", help="write the run here (rewritten after every row)")
     p.add_argument("--markdown", metavar="OUT", help="write the Markdown table here")
     p.add_argument("--plot", metavar="DIR", help="write speedup.png and roofline.png here (needs matplotlib)")
@@ -136,14 +138,37 @@ def measure(args, opts: Options) -> dict:
     return run
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _outputs(args) -> None:
+    """Fill --json/--markdown/--plot from --out (or the default folder); explicit paths win."""
+    out = args.out
+    if out is None and not args.load and not (args.json or args.markdown or args.plot):
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = f"bench-results/{stamp}-{device}"
+    if out is None:
+        return
+    args.json = args.json or str(Path(out) / "results.json")
+    args.markdown = args.markdown or str(Path(out) / "results.md")
+    if args.plot is None and _have_matplotlib():  # plots are an optional extra unless asked for by name
+        args.plot = str(Path(out) / "plots")
+    elif args.plot is None:
+        print("no matplotlib: no plots (pip install 'autoglm-fast[bench]')", file=sys.stderr)
+
+
 def run_cli(args) -> int:
     if not 0 <= args.threshold < 1000:
         raise ValueError(f"--threshold must be a percentage in [0, 1000), got {args.threshold}")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401 - fail before measuring, not after
-        except ImportError:
-            raise ValueError("--plot needs matplotlib: pip install 'autoglm-fast[bench]'") from None
+    if args.plot and not _have_matplotlib():  # fail before measuring, not after
+        raise ValueError("--plot needs matplotlib: pip install 'autoglm-fast[bench]'")
+    _outputs(args)
     base = report.load(args.compare) if args.compare else None
     run = report.merge([report.load(p) for p in args.load]) if args.load else measure(args, _options(args))
     if args.json:
@@ -155,6 +180,9 @@ def run_cli(args) -> int:
         Path(args.markdown).write_text(text)
     if args.plot:
         for path in report.plot(run, args.plot):
+            print(f"wrote {path}")
+    for path in (args.json, args.markdown):
+        if path:
             print(f"wrote {path}")
     status = 0
     if any("ours" in r.get("errors", {}) for r in run["rows"]):

@@ -69,11 +69,12 @@ def _strict(text: str) -> dict:
 @requires_kernels
 def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
     """The acceptance command: `autoglm-fast bench --shapes small` on a CPU-only machine, all three outputs."""
-    out = subprocess.run([CLI, "bench", "--shapes", "small", "--json", str(tmp_path / "run.json"),
-                          "--markdown", str(tmp_path / "run.md"), "--plot", str(tmp_path / "plots")],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([CLI, "bench", "--shapes", "small"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    run = _strict((tmp_path / "run.json").read_text())
+    (saved,) = (tmp_path / "bench-results").iterdir()  # the default folder: bench-results/<time>-cpu
+    assert saved.name.endswith("-cpu")
+    run = _strict((saved / "results.json").read_text())
     assert run["schema"] == report.SCHEMA and run["complete"] and run["options"]["suites"] == ["kernels", "e2e"]
     assert {"device", "torch", "triton", "python"} <= set(run["environment"]) and run["commit"] and run["date"]
     assert run["ceilings"]["bandwidth_gbs"] > 0 and run["ceilings"]["matmul_tflops"]["float32"] > 0
@@ -90,16 +91,17 @@ def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
     e2e = next(r for r in run["rows"] if r["case"] == "decode b1")
     assert {"ours", "ours, no graphs", "reference"} <= set(e2e["ms"]) and e2e["roofline_pct"] > 0
 
-    md = (tmp_path / "run.md").read_text()
+    md = (saved / "results.md").read_text()
     assert "## kernels" in md and "## e2e" in md and "% roofline" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == len(run["rows"]) + 2  # a header per suite + one line per row
     assert len({line.count("|") for line in table if "kernels" not in line}) <= 2  # one width per suite
     from PIL import Image
     for name in ("speedup.png", "roofline.png"):
-        with Image.open(tmp_path / "plots" / name) as im:
+        with Image.open(saved / "plots" / name) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
-    assert "wrote" in out.stdout and "[kernels] gated fusion" in out.stdout  # progress lines as rows land
+    assert f"wrote {saved / 'results.json'}".replace(str(tmp_path) + "/", "") in out.stdout
+    assert "[kernels] gated fusion" in out.stdout  # progress lines as rows land
 
 
 def _run(rows, device="GPU X", commit="abc"):
@@ -125,6 +127,9 @@ def test_compare_flags_only_regressions_over_the_threshold(tmp_path, capsys):
     assert bench_main(args) == 0
     assert bench_main(args + ["--fail-on-regression"]) == 1
     assert "REGRESSION" in capsys.readouterr().out
+    assert bench_main(["--load", str(tmp_path / "now.json"), "--out", str(tmp_path / "again")]) == 0
+    assert _strict((tmp_path / "again" / "results.json").read_text())["rows"] == _strict(
+        (tmp_path / "now.json").read_text())["rows"] and (tmp_path / "again" / "plots" / "roofline.png").exists()
     other = _run([("a", "1", 1.0)], device="GPU Y")
     assert "different devices" in report.compare(other, base)[0]
 
