@@ -91,6 +91,11 @@ def run(rec: Recorder) -> None:
     ttft = Row("e2e", "ttft", label, opts.dtype_name, {}, timer="engine")
     throughput = {b: Row("e2e", f"throughput b{b}", label, opts.dtype_name, {}, timer="engine") for b in batches}
 
+    def emit():  # after each measurement: a time box that cuts the run keeps what was measured
+        for row in (decode, ttft, *throughput.values()):
+            if row.ms or row.errors:
+                rec.record(row)
+
     variants = [("ours", "fast", True), ("ours, no graphs", "fast", False), ("reference", "reference", False)]
     if opts.compile_reference:
         variants.append(("reference+compile", "reference", False))
@@ -113,6 +118,7 @@ def run(rec: Recorder) -> None:
             decode.ms[impl], decode.quantiles[impl] = med, (lo, hi)
             if impl == "ours" and torch.cuda.is_available():
                 decode.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            emit()
             if impl == "ours, no graphs":
                 continue  # TTFT and throughput take no graphs (prefill) or barely differ (batched decode)
             request, what = _request(engine)
@@ -120,11 +126,13 @@ def run(rec: Recorder) -> None:
             lm_head = engine.model.lm_head.weight.numel()  # prefill projects only the last position
             ttft.shape = f"{label}, {what} ({prompt_tokens} tokens)"
             ttft.flops = 2 * (per_step - lm_head) * prompt_tokens + 2 * lm_head
+            emit()
             if backend == "reference" and not small:
                 continue  # the reference runs requests one by one: batch 32 x 128 tokens would not fit the time
             for b, row in throughput.items():
                 row.ms[impl] = _ms_per_token(engine, greedy, b)
                 row.metrics[f"{impl} tokens/s"] = 1e3 / row.ms[impl]
+                emit()
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for a baseline: record it, go on
             for row in (decode, ttft, *throughput.values()):
                 row.errors.setdefault(impl, _why(e))
@@ -133,6 +141,4 @@ def run(rec: Recorder) -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        for row in (decode, ttft, *throughput.values()):  # after each backend: a time box keeps what ran
-            if row.ms or row.errors:
-                rec.record(row)
+        emit()

@@ -31,7 +31,7 @@ stage install
 status=0
 stage tests
 # Test files that need no optional extras (the image has no fastapi, maybe no transformers/Pillow).
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py \
+timeout 140 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py \
   tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py tests/test_engine.py \
   tests/test_sampling.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest.log"
@@ -39,10 +39,10 @@ tail -n 25 "$OUT/pytest.log"
 BENCH=("$PY" -m autoglm_fast.benchmarks --shapes "${SHAPES:-real}")
 # torch.compile's default mode here: max-autotune on every case would not fit the budget (run it by hand).
 stage "kernels suite"
-timeout 210 "${BENCH[@]}" --suite kernels --compile-mode default --json "$OUT/kernels.json" \
+timeout 190 "${BENCH[@]}" --suite kernels --compile-mode default --json "$OUT/kernels.json" \
   >"$OUT/kernels.log" 2>&1 || status=1
 stage "e2e suite"
-timeout 90 "${BENCH[@]}" --suite e2e --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1 || status=1
+timeout 110 "${BENCH[@]}" --suite e2e --json "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1 || status=1
 
 stage report
 PLOT=()
