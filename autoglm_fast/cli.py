@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
     p = sub.add_parser("bench", help="kernel and end-to-end benchmarks: ours vs eager vs torch.compile, "
-                                     "% of the measured roofline; JSON, Markdown, plots, --compare")
+                                     "%% of the measured roofline; JSON, Markdown, plots, --compare")
     from .benchmarks.suite import add_arguments as add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=_bench)

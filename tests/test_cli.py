@@ -33,6 +33,12 @@ def test_cli_errors_are_clear(args, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+@pytest.mark.parametrize("command", [(), ("generate",), ("demo",), ("serve",), ("bench",), ("info",)])
+def test_every_help_page_renders(command):
+    proc = run(*command, "--help")
+    assert proc.returncode == 0 and "usage: autoglm-fast" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_info_counts_the_full_preset_without_allocating():
     proc = run("info", "--preset", "autoglm-phone-9b")
     assert proc.returncode == 0, proc.stderr
