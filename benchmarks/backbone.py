@@ -45,6 +45,13 @@ def _paged(batch: int, ctx: int, hkv: int, d: int, block: int, dtype, device):
     return pools, tables, torch.full((batch,), ctx, dtype=torch.int32, device=device)
 
 
+def _gathered(pool, tables, ctx: int):
+    """[batch, kv_heads, ctx, head_dim]: what the pages hold, laid out contiguously for the eager baselines."""
+    batch, per_seq = tables.shape
+    pages = pool[tables.long()]  # [batch, per_seq, block, kv_heads, head_dim]
+    return pages.reshape(batch, per_seq * pool.shape[1], *pool.shape[2:])[:, :ctx].transpose(1, 2).contiguous()
+
+
 def run(rec: Recorder) -> None:
     from autoglm_fast.kernels.norms import reference_rms_norm, reference_swiglu, rms_norm, swiglu
     from autoglm_fast.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
@@ -62,11 +69,11 @@ def run(rec: Recorder) -> None:
                 if not rec.selected("decode attention", f"b{batch} ctx{ctx}"):
                     continue
                 (kp, vp), tables, lens = _paged(batch, ctx, hkv, d, block, dtype, device)
-                q, kc, vc = randn(batch, hq, d), randn(batch, hkv, ctx, d), randn(batch, hkv, ctx, d)
+                q, kc, vc = randn(batch, hq, d), _gathered(kp, tables, ctx), _gathered(vp, tables, ctx)
                 rec.add("decode attention", f"b{batch} ctx{ctx}", {
                     "ours": lambda: paged_decode_attention(q, kp, vp, tables, lens, ctx),
-                    "eager": lambda: math_attention(q[:, :, None], kc, vc, False),
-                    "sdpa": lambda: sdpa(q[:, :, None], kc, vc, False)},
+                    "eager": lambda: math_attention(q[:, :, None], kc, vc, False)[:, :, 0],
+                    "sdpa": lambda: sdpa(q[:, :, None], kc, vc, False)[:, :, 0]},
                     bytes=2 * batch * ctx * hkv * d * e, flops=4 * batch * hq * ctx * d, graph=True)
                 del kp, vp, kc, vc
         for T in ([40] if small else [1024, 4096, 8192]):
@@ -74,11 +81,11 @@ def run(rec: Recorder) -> None:
                 continue
             (kp, vp), tables, lens = _paged(1, T, hkv, d, block, dtype, device)
             q, loc = randn(T, hq, d), torch.tensor([0, T], dtype=torch.int32, device=device)
-            qs, ks, vs = randn(1, hq, T, d), randn(1, hkv, T, d), randn(1, hkv, T, d)
+            qs, ks, vs = q.transpose(0, 1)[None].contiguous(), _gathered(kp, tables, T), _gathered(vp, tables, T)
             rec.add("prefill attention", f"causal {T}", {
                 "ours": lambda: paged_prefill_attention(q, kp, vp, tables, lens, loc, T),
-                "eager": lambda: math_attention(qs, ks, vs, True),
-                "sdpa": lambda: sdpa(qs, ks, vs, True)},
+                "eager": lambda: math_attention(qs, ks, vs, True)[0].transpose(0, 1),
+                "sdpa": lambda: sdpa(qs, ks, vs, True)[0].transpose(0, 1)},
                 bytes=(2 * T * hq * d + 2 * T * hkv * d) * e, flops=2 * hq * d * T * T)  # causal: half of 4*T*T*d
         inv_freq = rotary_inv_freq(d // 2, 10000.0, device)
         w = randn(hidden)

@@ -57,6 +57,7 @@ class Row:
                  tflops=self.flops / ours / 1e9 if self.flops else NAN,
                  roofline_ms=self.roofline_ms(c), bound=self.bound(c),
                  roofline_pct=100 * self.roofline_ms(c) / ours,
+                 roofline_pct_by_impl={k: 100 * self.roofline_ms(c) / v if v else NAN for k, v in self.ms.items()},
                  speedup={k: v / ours for k, v in self.ms.items() if k != "ours"})
         return d
 
@@ -164,6 +165,27 @@ def compiled(fn: Callable, mode: str) -> Callable:
     return torch.compile(fn, mode=mode, dynamic=False)
 
 
+# |ours - eager| / (1 + |eager|) allowed per dtype: reduction order differs, fp16 keeps ~3 digits.
+TOLERANCE = {"float16": 2e-2, "bfloat16": 6e-2, "float32": 1e-3}
+
+
+def max_error(ours, eager) -> float:
+    """Largest |ours - eager| / (1 + |eager|) over the output tensor(s); inf when shapes differ."""
+    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+    eager = eager if isinstance(eager, (tuple, list)) else (eager,)
+    if len(ours) != len(eager):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(ours, eager):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.numel():
+            b = b.float()
+            err = float(((a.float() - b).abs() / (1 + b.abs())).max())
+            worst = max(worst, err if err == err else float("inf"))  # NaN counts as the worst
+    return worst
+
+
 def _why(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
@@ -179,10 +201,11 @@ class Recorder:
         return not self.opts.filter or self.opts.filter.lower() in f"{case} {shape}".lower()
 
     def add(self, case: str, shape: str, impls: dict[str, Callable | None], *, bytes: int = 0, flops: int = 0,
-            graph: bool = False) -> Row | None:
+            graph: bool = False, check: bool = True) -> Row | None:
         """Time every implementation (plus torch.compile of "eager" when the options ask for it).
 
         graph=True: a decode-size op whose launch overhead would dominate - timed as CUDA-graph replay.
+        check=True: ours and eager compute the same thing from the same inputs; their outputs are compared.
         An implementation that raises is recorded as an error on the row; the run goes on.
         """
         if not self.selected(case, shape):
@@ -209,6 +232,11 @@ class Recorder:
                 row.ms[impl], row.quantiles[impl] = med, (lo, hi)
             used = {"stream"}
         row.timer = used.pop() if used else timer
+        if check and "ours" in ready and "eager" in ready:  # a fast wrong kernel must not post a number
+            err = max_error(ready["ours"](), ready["eager"]())
+            row.metrics["max error vs eager"] = err
+            if not err <= TOLERANCE.get(row.dtype, 2e-2):
+                row.errors["ours"] = f"differs from eager: max |ours - eager| / (1 + |eager|) = {err:.3g}"
         return self.record(row)
 
     def record(self, row: Row) -> Row:

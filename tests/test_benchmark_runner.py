@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autoglm_fast.benchmarks import report
-from autoglm_fast.benchmarks.common import Ceilings, Options, Recorder, Row, measure_ceilings
+from autoglm_fast.benchmarks.common import Ceilings, Options, Recorder, Row, max_error, measure_ceilings
 from autoglm_fast.benchmarks.suite import main as bench_main
 from kernel_harness import requires_kernels
 
@@ -60,6 +60,17 @@ def test_recorder_keeps_going_past_a_failing_implementation_and_filters():
     assert rows == [row] and row.timer == "call"
 
 
+def test_recorder_flags_ours_when_it_disagrees_with_eager():
+    rec, x = Recorder("kernels", Options()), torch.ones(4)
+    wrong = rec.add("wrong", "4", {"ours": lambda: x * 1.1, "eager": lambda: x})
+    assert "differs from eager" in wrong.errors["ours"]
+    assert wrong.metrics["max error vs eager"] == pytest.approx(0.05)  # |1.1 - 1| / (1 + 1)
+    right = rec.add("right", "4", {"ours": lambda: (x, x), "eager": lambda: (x, x + 1e-5)})
+    assert not right.errors and right.metrics["max error vs eager"] < 1e-5
+    assert max_error(x, x[:2]) == math.inf and max_error(torch.tensor([math.nan]), torch.zeros(1)) == math.inf
+    assert max_error((x,), (x, x)) == math.inf
+
+
 def _strict(text: str) -> dict:
     def no_nan(name):
         raise AssertionError(f"non-standard JSON constant {name}")
@@ -84,15 +95,20 @@ def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
+        if r["suite"] == "kernels":  # every kernel row checked its output against eager on the same inputs
+            assert r["metrics"]["max error vs eager"] <= 1e-3, r
         assert set(r["speedup"]) == set(r["ms"]) - {"ours"}
     decode = next(r for r in run["rows"] if r["case"] == "decode attention")
     assert decode["ms"].keys() == {"ours", "eager", "sdpa"} and decode["roofline_pct"] > 0
     assert decode["gbs"] == pytest.approx(decode["bytes"] / decode["ms"]["ours"] / 1e6)
     e2e = next(r for r in run["rows"] if r["case"] == "decode b1")
     assert {"ours", "ours, no graphs", "reference"} <= set(e2e["ms"]) and e2e["roofline_pct"] > 0
+    assert e2e["roofline_pct_by_impl"]["ours"] == pytest.approx(e2e["roofline_pct"])
+    assert e2e["roofline_pct_by_impl"]["reference"] == pytest.approx(
+        e2e["roofline_pct"] * e2e["ms"]["ours"] / e2e["ms"]["reference"])
 
     md = (saved / "results.md").read_text()
-    assert "## kernels" in md and "## e2e" in md and "% roofline" in md
+    assert "## kernels" in md and "## e2e" in md and "% roofline by implementation: ours" in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == len(run["rows"]) + 2  # a header per suite + one line per row
     assert len({line.count("|") for line in table if "kernels" not in line}) <= 2  # one width per suite
