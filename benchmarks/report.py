@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 SCHEMA = "autoglm-fast-bench/1"
-BASELINES = ("eager", "compile", "sdpa")  # column order; e2e's own implementations follow in row order
+BASELINES = ("eager", "compile", "sdpa")
+CHECK = "max error vs eager"  # a metric of every kernel row: its own column, not a note  # column order; e2e's own implementations follow in row order
 
 
 def _clean(x):
@@ -82,10 +83,12 @@ def markdown(run: dict) -> str:
     for suite in dict.fromkeys(r["suite"] for r in run["rows"]):
         rows = [r for r in run["rows"] if r["suite"] == suite]
         impls = _impls(rows)
+        checked = any(CHECK in r.get("metrics", {}) for r in rows)
         lines += ["", f"## {suite}", "",
                   "| case | shape | ours ms (p20–p80) | " + " | ".join(f"{i} ms" for i in impls) +
-                  " | GB/s | TFLOP/s | % roofline | " + " | ".join(f"vs {i}" for i in impls) + " | timer |",
-                  "|---|---|---:|" + "---:|" * (2 * len(impls) + 3) + "---|"]
+                  " | GB/s | TFLOP/s | % roofline | " + " | ".join(f"vs {i}" for i in impls) +
+                  (" | err vs eager" if checked else "") + " | timer |",
+                  "|---|---|---:|" + "---:|" * (2 * len(impls) + 3 + checked) + "---|"]
         for r in rows:
             ours = r["ms"].get("ours")
             lo, hi = r.get("quantiles", {}).get("ours") or (None, None)
@@ -97,8 +100,11 @@ def markdown(run: dict) -> str:
                      for i in impls]
             lines.append(f"| {r['case']} | {r['shape']} | {ours_cell} | " + " | ".join(base) +
                          f" | {_num(r.get('gbs'), '.4g')} | {_num(r.get('tflops'), '.4g')} | "
-                         f"{_num(r.get('roofline_pct'), '.1f')} | " + " | ".join(speed) + f" | {r['timer']} |")
-        notes = [f"- {r['case']} {r['shape']}: {k}: {_num(v, '.4g')}" for r in rows for k, v in r.get("metrics", {}).items()]
+                         f"{_num(r.get('roofline_pct'), '.1f')} | " + " | ".join(speed) +
+                         (f" | {_num(r.get('metrics', {}).get(CHECK), '.1e')}" if checked else "") +
+                         f" | {r['timer']} |")
+        notes = [f"- {r['case']} {r['shape']}: {k}: {_num(v, '.4g')}" for r in rows
+                 for k, v in r.get("metrics", {}).items() if k != CHECK]
         if suite == "e2e":  # the with/without graphs and reference decode rates against the same roofline
             notes += [f"- {r['case']} {r['shape']}: % roofline by implementation: " +
                       ", ".join(f"{k} {_num(v, '.1f')}" for k, v in r["roofline_pct_by_impl"].items())
@@ -106,7 +112,8 @@ def markdown(run: dict) -> str:
         notes += [f"- {r['case']} {r['shape']}: **{k} failed**: {v}" for r in rows for k, v in r.get("errors", {}).items()]
         lines += [""] + notes if notes else []
     lines += ["", "% roofline: the larger of bytes / measured copy bandwidth and FLOPs / measured matmul peak, "
-              "over ours. vs X: X's time / ours (above 1 = ours faster). Timer: stream = `do_bench` (L2 flushed), "
+              "over ours. vs X: X's time / ours (above 1 = ours faster). err vs eager: max |ours - eager| / "
+              "(1 + |eager|) on the same inputs. Timer: stream = `do_bench` (L2 flushed), "
               "graph = CUDA-graph replay, engine = wall clock through the engine, call = one call (smoke run)."]
     return "\n".join(lines) + "\n"
 
