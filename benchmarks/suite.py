@@ -114,15 +114,16 @@ def measure(args, opts: Options) -> dict:
     for line in report.header(run):
         print(line.replace("**", "").replace("`", ""))
 
-    slots: dict[int, int] = {}  # id(row) -> its index in run["rows"]: a row reported again replaces itself
+    landed_rows: list = []  # the Row objects behind run["rows"]: a row reported again replaces its entry
 
     def landed(row):
         d = row.to_dict(ceilings)
-        if id(row) in slots:
-            run["rows"][slots[id(row)]] = d
-        else:
-            slots[id(row)] = len(run["rows"])
+        at = next((i for i, r in enumerate(landed_rows) if r is row), None)
+        if at is None:
+            landed_rows.append(row)
             run["rows"].append(d)
+        else:
+            run["rows"][at] = d
         base = "  ".join(f"{k} {v:.4g}" for k, v in row.ms.items() if k != "ours")
         errors = f"  ERRORS {row.errors}" if row.errors else ""
         print(f"[{row.suite}] {row.case} | {row.shape} | ours {row.ms.get('ours', float('nan')):.4g} ms  {base}"

@@ -93,6 +93,8 @@ def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
     assert {"vision proj+LN", "audio proj+LN", "vision attention", "audio attention", "vision adapter",
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
+    keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
+    assert len(keys) == len(set(keys)) == 24  # 21 kernel rows + 3 e2e, none lost or doubled
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
         if r["suite"] == "kernels":  # every kernel row checked its output against eager on the same inputs
