@@ -108,7 +108,7 @@ def markdown(run: dict) -> str:
         if suite == "e2e":  # the with/without graphs and reference decode rates against the same roofline
             notes += [f"- {r['case']} {r['shape']}: % roofline by implementation: " +
                       ", ".join(f"{k} {_num(v, '.1f')}" for k, v in r["roofline_pct_by_impl"].items())
-                      for r in rows if len(r.get("roofline_pct_by_impl") or {}) > 1]
+                      for r in rows if len(r.get("roofline_pct_by_impl") or {}) > 1 and r.get("roofline_ms")]
         notes += [f"- {r['case']} {r['shape']}: **{k} failed**: {v}" for r in rows for k, v in r.get("errors", {}).items()]
         lines += [""] + notes if notes else []
     lines += ["", "% roofline: the larger of bytes / measured copy bandwidth and FLOPs / measured matmul peak, "
