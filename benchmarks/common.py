@@ -1,7 +1,6 @@
 """Timing, device ceilings and the roofline arithmetic shared by the benchmark suites."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -37,27 +36,29 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # implementation -> why it has no time
 
+    def _bounds_ms(self, c: Ceilings) -> tuple[float, float]:
+        """(memory, compute) lower bounds in ms; a bound that is not known counts as 0."""
+        memory = self.bytes / (c.bandwidth_gbs * 1e6) if self.bytes else 0.0
+        compute = self.flops / (c.peak_tflops(self.dtype) * 1e9) if self.flops else 0.0
+        return memory, compute
+
     def roofline_ms(self, c: Ceilings) -> float:
-        """The larger of the memory and the compute lower bound (a bound that is not known counts as 0)."""
-        memory = self.bytes / (c.bandwidth_gbs * 1e9) if self.bytes else 0.0
-        compute = self.flops / (c.peak_tflops(self.dtype) * 1e12) if self.flops else 0.0
-        bound = max(memory, compute)
-        return bound * 1e3 if bound > 0 else NAN  # NaN ceilings give NaN through the max as well
+        """The larger of the memory and the compute lower bound."""
+        bound = max(self._bounds_ms(c))
+        return bound if bound > 0 else NAN  # NaN ceilings give NaN through the max as well
 
     def bound(self, c: Ceilings) -> str:
-        memory = self.bytes / c.bandwidth_gbs if self.bytes else 0.0
-        compute = self.flops / (c.peak_tflops(self.dtype) * 1e3) if self.flops else 0.0
+        memory, compute = self._bounds_ms(c)
         return "memory" if memory >= compute else "compute"
 
     def to_dict(self, c: Ceilings) -> dict:
         """The row plus what follows from it: GB/s, TFLOP/s, % of roofline, speedup of ours over the others."""
-        ours = self.ms.get("ours", NAN)
+        ours, roofline = self.ms.get("ours", NAN), self.roofline_ms(c)
         d = asdict(self)
         d.update(gbs=self.bytes / ours / 1e6 if self.bytes else NAN,
                  tflops=self.flops / ours / 1e9 if self.flops else NAN,
-                 roofline_ms=self.roofline_ms(c), bound=self.bound(c),
-                 roofline_pct=100 * self.roofline_ms(c) / ours,
-                 roofline_pct_by_impl={k: 100 * self.roofline_ms(c) / v if v else NAN for k, v in self.ms.items()},
+                 roofline_ms=roofline, bound=self.bound(c), roofline_pct=100 * roofline / ours,
+                 roofline_pct_by_impl={k: 100 * roofline / v if v else NAN for k, v in self.ms.items()},
                  speedup={k: v / ours for k, v in self.ms.items() if k != "ours"})
         return d
 
@@ -69,16 +70,10 @@ def bench(fn: Callable[[], object], timer: str) -> tuple[float, float, float, st
     graph (do_bench_cudagraph), for launch-bound decode-size ops - falls back to "stream" if `fn` cannot be
     captured. "call": one timed call after one warm-up, on any device (smoke runs; measures nothing real).
     """
-    fn()  # warm-up: Triton autotuning and torch.compile happen here, outside any capture
     if timer == "call":
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - t) * 1e3
+        ms = timed_ms(fn, 1)
         return ms, ms, ms, timer
+    fn()  # warm-up: Triton autotuning and torch.compile happen here, outside any capture
     from triton.testing import do_bench, do_bench_cudagraph
     if timer == "graph":
         try:
@@ -90,9 +85,15 @@ def bench(fn: Callable[[], object], timer: str) -> tuple[float, float, float, st
     return med, lo, hi, "stream"
 
 
-def _timed_ms(fn: Callable[[], object], reps: int) -> float:
+def sync() -> None:
+    """Wait for the GPU (if any), so wall-clock times cover the work and not just its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_ms(fn: Callable[[], object], reps: int) -> float:
+    """Wall-clock ms per call over `reps` calls, after one warm-up call."""
     fn()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     t = time.perf_counter()
     for _ in range(reps):
@@ -123,14 +124,10 @@ def measure_ceilings(device: str, quick: bool = False) -> Ceilings:
         return Ceilings(torch.cuda.get_device_name(device), 2 * n * 2 / copy_ms / 1e6, peaks)
     n, m = (1 << 24) if not quick else (1 << 20), 512 if quick else 1024
     src, dst = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
-    copy_ms = _timed_ms(lambda: dst.copy_(src), 5)
+    copy_ms = timed_ms(lambda: dst.copy_(src), 5)
     a = torch.randn(m, m)
-    mm_ms = _timed_ms(lambda: a @ a, 5)
+    mm_ms = timed_ms(lambda: a @ a, 5)
     return Ceilings("cpu", 2 * n * 4 / copy_ms / 1e6, {"float32": 2 * m ** 3 / mm_ms / 1e9})
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass

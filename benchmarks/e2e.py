@@ -17,24 +17,19 @@ import time
 
 import torch
 
-from .common import NAN, Options, Recorder, Row, _why
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from .common import NAN, Options, Recorder, Row, _why, sync
 
 
 def _ttft(engine, request: dict, repeats: int, warmup: bool) -> tuple[float, int]:
     """Median ms from add_request to the first token, and the prompt's length in tokens."""
     times, prompt_tokens = [], 0
     for _ in range(repeats + warmup):  # a warm-up first: autotuning, the allocator's first blocks
-        _sync()
+        sync()
         start = time.perf_counter()
         rid = engine.add_request(**request)
         while not (outs := [o for o in engine.step() if o.request_id == rid and o.token_ids]):
             pass
-        _sync()
+        sync()
         times.append(time.perf_counter() - start)
         prompt_tokens = outs[0].prompt_tokens
         engine.abort(rid)
@@ -47,10 +42,10 @@ def _decode_ms(engine, params) -> tuple[float, float, float]:
     """Median and 20/80 % step time once a single request is decoding."""
     rid, steps = engine.add_request("benchmark", params), []
     while engine.has_unfinished():
-        _sync()
+        sync()
         t = time.perf_counter()
         outs = engine.step()
-        _sync()
+        sync()
         if any(o.request_id == rid and o.completion_tokens > 1 for o in outs):
             steps.append(1e3 * (time.perf_counter() - t))
     if not steps:
@@ -62,7 +57,7 @@ def _decode_ms(engine, params) -> tuple[float, float, float]:
 def _ms_per_token(engine, params, batch: int) -> float:
     start = time.perf_counter()
     outs = engine.generate(["x " * 32] * batch, params)
-    _sync()
+    sync()
     return 1e3 * (time.perf_counter() - start) / sum(o.completion_tokens for o in outs)
 
 
