@@ -180,7 +180,8 @@ class AutoGLMPhoneConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    # Special tokens. Image ids follow the GLM-4.1V tokenizer; audio ids are ours (no public checkpoint).
+    # Special tokens: the preset's own (the placeholder 151363 is not GLM-4.1V's <|image|> 151343; audio ids:
+    # no public checkpoint). A checkpoint's tokenizer must agree with its config (see tokenizer.py).
     image_token_id: int = 151363
     image_start_token_id: int = 151339
     image_end_token_id: int = 151340

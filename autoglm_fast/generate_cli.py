@@ -8,10 +8,25 @@ import time
 import torch
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --preset / --tokenizer (also `serve`'s)."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint directory (config.json + safetensors, optional tokenizer.json)")
-    src.add_argument("--preset", default=None, help="a preset with seeded random weights (default: nano)")
+    src.add_argument("--model", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
+    src.add_argument("--preset", help="a preset with seeded random weights and the byte tokenizer (default: nano)")
+    p.add_argument("--tokenizer", metavar="PATH|bytes",
+                   help="a tokenizer.json (or a directory holding one), or 'bytes' for the built-in byte "
+                        "tokenizer; default: the checkpoint's own (a checkpoint without one is an error)")
+
+
+def load_engine(args: argparse.Namespace, **kwargs):
+    from .engine import Engine
+    if args.model:
+        return Engine.from_pretrained(args.model, tokenizer=args.tokenizer, **kwargs)
+    return Engine.from_preset(args.preset or "nano", tokenizer=args.tokenizer, **kwargs)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", help="system message")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -28,13 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .engine import Engine, SamplingParams
+    from .engine import SamplingParams
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    if args.model:
-        engine = Engine.from_pretrained(args.model, dtype=dtype, device=args.device, backend=args.backend)
-    else:
-        engine = Engine.from_preset(args.preset or "nano", dtype=dtype, device=args.device, backend=args.backend)
+    engine = load_engine(args, dtype=dtype, device=args.device, backend=args.backend)
     load_s = time.perf_counter() - t0
     content = ([{"type": "image", "image": p} for p in args.image] + [{"type": "audio", "audio": p} for p in args.audio]
                + [{"type": "text", "text": args.prompt}])

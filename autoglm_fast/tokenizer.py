@@ -3,11 +3,14 @@
 `ByteTokenizer` needs no files (ids 0..255 are UTF-8 bytes), so presets and tests run offline;
 `HFTokenizer` wraps a checkpoint's `tokenizer.json`. Media placeholder ids always come from the
 config: the model splices image/audio embeddings at exactly those ids, so a tokenizer that
-disagrees is an error, not something to paper over.
+disagrees is an error, not something to paper over. A checkpoint directory without a tokenizer is
+an error too (`TokenizerNotFoundError`), never a silent byte tokenizer: the byte tokenizer is for
+presets, for checkpoints saved with it (a marker `tokenizer_config.json`), or when asked for by name.
 """
 from __future__ import annotations
 
 import codecs
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -23,8 +26,20 @@ SPECIAL_TOKENS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
 OPTIONAL_TOKENS = frozenset({"<think>", "</think>", "<|begin_of_audio|>", "<|end_of_audio|>", "<|audio|>",
                              "<|pad|>"})
 GLM4_VOCAB_SIZE = 151552
+# The byte tokenizer's own layout for a GLM-4-size vocabulary (so preset prompts look like real ones);
+# a checkpoint's tokenizer never uses it: HFTokenizer reads every id from its file and the config.
 GLM4_IDS = {"[gMASK]": 151331, "<sop>": 151333, "<|system|>": 151335, "<|user|>": 151336,
             "<|assistant|>": 151337, "<|observation|>": 151338, "<think>": 151350, "</think>": 151351}
+
+
+BYTES = "bytes"  # the `tokenizer=` / `--tokenizer` value that asks for the byte tokenizer
+TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+COMPANION_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja")  # copied on save
+BYTE_TOKENIZER_CLASS = "autoglm_fast.ByteTokenizer"  # tokenizer_config.json's class for the byte tokenizer
+
+
+class TokenizerNotFoundError(ValueError):
+    """A checkpoint directory with no tokenizer in it, and none named."""
 
 
 def config_token_ids(config: AutoGLMPhoneConfig) -> dict[str, int]:
@@ -59,6 +74,20 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def id_to_token(self, token_id: int) -> str: ...
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write the files `load_tokenizer(directory, config)` reads back (stale tokenizer files go)."""
+
+
+def _write_tokenizer_files(directory: str | Path, files: dict[str, str]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (TOKENIZER_FILE, *COMPANION_FILES):
+        if name not in files:
+            (directory / name).unlink(missing_ok=True)  # another tokenizer's, from an earlier save
+    for name, text in files.items():
+        (directory / name).write_text(text)
 
 
 class ByteTokenizer(Tokenizer):
@@ -140,11 +169,18 @@ class ByteTokenizer(Tokenizer):
             return chr(token_id) if 32 <= token_id < 127 else f"<0x{token_id:02X}>"
         return self._id_to_special.get(token_id, f"<|reserved_{token_id}|>")
 
+    def save(self, directory: str | Path) -> None:
+        """A marker only: the ids follow from the model config saved beside it."""
+        marker = {"tokenizer_class": BYTE_TOKENIZER_CLASS,
+                  "comment": "autoglm-fast's byte tokenizer: ids 0..255 are UTF-8 bytes, special ids from config.json"}
+        _write_tokenizer_files(directory, {TOKENIZER_CONFIG: json.dumps(marker, indent=2) + "\n"})
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` tokenizer (a checkpoint's `tokenizer.json`).
 
-    Special ids are looked up by their strings; all but OPTIONAL_TOKENS must exist. With a config,
+    Special ids are looked up by their strings in the file (vocab and added tokens), never assumed;
+    all but OPTIONAL_TOKENS must exist. With a config,
     optional audio/pad tokens the file lacks take the config's ids (encoded and decoded here), a
     media/endoftext token whose id differs from the config's is an error, and eos is the config's;
     without one, eos is GLM-4's stop set (<|endoftext|>, <|user|>, <|observation|>). Missing think
@@ -155,10 +191,11 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | Path, config: AutoGLMPhoneConfig | None = None):
         from tokenizers import Tokenizer as _HF  # imported lazily: only checkpoints need it
-        file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+        file = Path(path) / TOKENIZER_FILE if Path(path).is_dir() else Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer file at {file}")
         self._tok = _HF.from_file(str(file))
+        self._companions = {n: (file.parent / n).read_text() for n in COMPANION_FILES if (file.parent / n).is_file()}
         self._plain = _HF.from_str(self._tok.to_str())  # a twin that treats special strings as text;
         self._plain.encode_special_tokens = True        # separate so encode() never toggles shared state
         found = {n: self._tok.token_to_id(n) for n in SPECIAL_TOKENS}
@@ -170,7 +207,8 @@ class HFTokenizer(Tokenizer):
         for name in SPECIAL_TOKENS:
             i, want = found[name], fixed.get(name)
             if i is not None and want is not None and i != want and name != "<|pad|>":
-                raise ValueError(f"{file}: {name} is id {i} but the model config says {want}")
+                raise ValueError(f"{file}: {name} is id {i} but the model config says {want}; the tokenizer "
+                                 "and config.json must be the same model's")
             if i is None and want is not None:
                 holder = self._tok.id_to_token(want)
                 if holder is None:
@@ -211,6 +249,15 @@ class HFTokenizer(Tokenizer):
         out.append(self._tok.decode(run, skip_special_tokens=skip_special_tokens))
         return "".join(out)
 
+    def save(self, directory: str | Path) -> None:
+        """tokenizer.json plus the companion files it was loaded with (else a minimal tokenizer_config.json)."""
+        files = {TOKENIZER_FILE: self._tok.to_str(pretty=True), **self._companions}
+        if TOKENIZER_CONFIG not in files:
+            pad = "<|pad|>" if self._tok.token_to_id("<|pad|>") is not None else "<|endoftext|>"
+            files[TOKENIZER_CONFIG] = json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                  "eos_token": "<|endoftext|>", "pad_token": pad}, indent=2) + "\n"
+        _write_tokenizer_files(directory, files)
+
     def token_to_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
@@ -226,11 +273,44 @@ class HFTokenizer(Tokenizer):
         return token
 
 
-def load_tokenizer(model_dir: str | Path | None, config: AutoGLMPhoneConfig) -> Tokenizer:
-    """The checkpoint's tokenizer.json when there is one, else the built-in byte tokenizer."""
-    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
-        return HFTokenizer(model_dir, config)
-    return ByteTokenizer(config)
+def find_tokenizer(model_dir: str | Path | None, tokenizer: str | Path | None = None) -> str | Path:
+    """Where the tokenizer comes from: BYTES or a tokenizer.json path. `tokenizer` (BYTES, a
+    tokenizer.json, or a directory holding one or our byte marker) wins over `model_dir`'s own files.
+    Cheap (no parsing), so callers check it before loading weights."""
+    if tokenizer is not None and str(tokenizer) == BYTES:
+        return BYTES
+    where = tokenizer if tokenizer is not None else model_dir
+    if where is None:
+        raise TokenizerNotFoundError(f"no checkpoint directory and no tokenizer: pass tokenizer='{BYTES}' or a path")
+    where = Path(where)
+    if where.is_file():
+        return where
+    if (where / TOKENIZER_FILE).is_file():
+        return where / TOKENIZER_FILE
+    if _byte_marker(where / TOKENIZER_CONFIG):
+        return BYTES
+    what = f"no {TOKENIZER_FILE}" if where.is_dir() else "no such tokenizer file or directory"
+    raise TokenizerNotFoundError(
+        f"{where}: {what}. Put the model's {TOKENIZER_FILE} (with its {TOKENIZER_CONFIG}) there, or pass "
+        f"--tokenizer PATH (tokenizer='PATH'; a {TOKENIZER_FILE} or a directory holding one), or "
+        f"--tokenizer {BYTES} (tokenizer='{BYTES}') for the built-in byte tokenizer, which is not a real "
+        f"model's vocabulary")
+
+
+def _byte_marker(file: Path) -> bool:
+    try:
+        return json.loads(file.read_text()).get("tokenizer_class") == BYTE_TOKENIZER_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_tokenizer(model_dir: str | Path | None, config: AutoGLMPhoneConfig,
+                   tokenizer: str | Path | Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer `find_tokenizer` names, checked against `config`; a `Tokenizer` passes through."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    source = find_tokenizer(model_dir, tokenizer)
+    return ByteTokenizer(config) if source == BYTES else HFTokenizer(source, config)
 
 
 class IncrementalDetokenizer:

@@ -37,7 +37,10 @@ def parse_size(size: int | str) -> int:
 
 
 # ---- saving --------------------------------------------------------------------------------------
-def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = "2GB",
+                    tokenizer=None) -> None:
+    """config.json + shards + index; with `tokenizer` (a `tokenizer.Tokenizer`) also its files, so that
+    loading needs no tokenizer option. Without one, tokenizer files already in `directory` stay."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
@@ -65,6 +68,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     model.config.save(directory / CONFIG_NAME)
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 # ---- reading checkpoint files --------------------------------------------------------------------

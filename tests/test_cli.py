@@ -63,3 +63,17 @@ def test_generate_streams_an_answer_with_media_and_reports_speed(tmp_path):
     bad = run("generate", "--preset", "nano", "--backend", "reference", "--image", str(tmp_path / "tone.wav"),
               "--prompt", "x")
     assert bad.returncode == 2 and "image" in bad.stderr
+
+
+def test_generate_from_a_checkpoint_without_a_tokenizer_fails_clearly(tmp_path):
+    from autoglm_fast.config import AutoGLMPhoneConfig
+    from autoglm_fast.reference.model import AutoGLMPhoneForCausalLM
+    AutoGLMPhoneForCausalLM.from_config(AutoGLMPhoneConfig.preset("nano")).save_pretrained(tmp_path)
+    args = ("generate", "--model", str(tmp_path), "--backend", "reference", "--prompt", "x", "--max-tokens", "1")
+    proc = run(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert f"autoglm-fast: error: {tmp_path}: no tokenizer.json" in proc.stderr and "--tokenizer bytes" in proc.stderr
+    proc = run(*args, "--tokenizer", "bytes")
+    assert proc.returncode == 0 and "1 generated" in proc.stderr, proc.stderr
+    proc = run("serve", "--model", str(tmp_path), "--backend", "reference", "--port", "1")  # fails before binding
+    assert proc.returncode == 2 and f"{tmp_path}: no tokenizer.json" in proc.stderr, proc.stderr

@@ -195,7 +195,7 @@ def test_logprobs_are_returned_per_token():
 
 def test_from_pretrained_checkpoint_equals_the_preset(tmp_path):
     preset = _engine("reference")
-    preset.model.save_pretrained(tmp_path)
+    preset.save_pretrained(tmp_path)  # with its (byte) tokenizer, which loads back without an option
     loaded = Engine.from_pretrained(tmp_path, backend="reference", scheduler=SCHED)
     assert loaded.generate(["same weights"], GREEDY)[0].token_ids == preset.generate(["same weights"],
                                                                                       GREEDY)[0].token_ids

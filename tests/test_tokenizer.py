@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import random
 
 import pytest
@@ -6,7 +7,8 @@ import pytest
 from autoglm_fast.chat import render_chat
 from autoglm_fast.config import AutoGLMPhoneConfig
 from autoglm_fast.tokenizer import (GLM4_IDS, SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, IncrementalDetokenizer,
-                                    load_tokenizer)
+                                    TokenizerNotFoundError, load_tokenizer)
+from helpers import GLM_TEXT_SPECIALS, glm_test_tokenizer
 
 TEXTS = ["hello world", "你是谁？", "I'm fine 👍🏽, 谢谢! 🚀", "ünïcödé ✓ \n\t", ""]
 HF_SPECIALS = [n for n in SPECIAL_TOKENS if n not in ("<|begin_of_audio|>", "<|end_of_audio|>", "<|audio|>",
@@ -193,11 +195,57 @@ def test_hf_incremental_matches_full_decode(tmp_path, skip):
         assert all("\ufffd" not in d for d in deltas)
 
 
-def test_load_tokenizer_picks_by_file(tmp_path, nano_config):
-    assert isinstance(load_tokenizer(None, nano_config), ByteTokenizer)
-    assert isinstance(load_tokenizer(tmp_path, nano_config), ByteTokenizer)
+def test_a_directory_without_a_tokenizer_is_an_error_not_bytes(tmp_path, nano_config):
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint-looking directory, no tokenizer.json
+    with pytest.raises(TokenizerNotFoundError, match="--tokenizer bytes") as e:
+        load_tokenizer(tmp_path, nano_config)
+    assert f"{tmp_path}: no tokenizer.json. Put the model's tokenizer.json" in str(e.value)
+    assert isinstance(e.value, ValueError)  # the CLI reports ValueErrors with exit code 2
+    with pytest.raises(TokenizerNotFoundError, match="tokenizer='bytes'"):
+        load_tokenizer(None, nano_config)
+    with pytest.raises(TokenizerNotFoundError, match="missing: no such tokenizer file"):
+        load_tokenizer(tmp_path, nano_config, tmp_path / "missing")
+    assert isinstance(load_tokenizer(tmp_path, nano_config, "bytes"), ByteTokenizer)  # asked for by name
+
+
+def test_load_tokenizer_reads_the_file_or_the_named_one(tmp_path, nano_config):
     _, config = make_hf(tmp_path)
     assert isinstance(load_tokenizer(tmp_path, config), HFTokenizer)
+    for named in (tmp_path, tmp_path / "tokenizer.json"):  # --tokenizer PATH wins over model_dir
+        assert isinstance(load_tokenizer(tmp_path / "elsewhere", config, named), HFTokenizer)
+    assert isinstance(load_tokenizer(tmp_path, nano_config, "bytes"), ByteTokenizer)
+
+
+def test_special_ids_are_the_tokenizers_added_tokens(tmp_path):
+    """GLM's special tokens appended out of GLM's order: every id is read from the file, none assumed."""
+    hf, config = glm_test_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path, config)
+    assert tok.special_ids["<|image|>"] == hf.token_to_id("<|image|>") == 300 != 151343
+    assert all(tok.special_ids[n] == hf.token_to_id(n) for n in GLM_TEXT_SPECIALS)
+    assert "[gMASK]<sop>" in tok.decode(render_chat([{"role": "user", "content": "hi"}], tok, config).token_ids)
+    glm41v = dataclasses.replace(config, image_token_id=151343, text=dataclasses.replace(config.text,
+                                                                                         vocab_size=151552))
+    with pytest.raises(ValueError, match=r"<\|image\|> is id 300 but the model config says 151343"):
+        load_tokenizer(tmp_path, glm41v)
+
+
+def test_save_then_load_gives_the_same_tokenizer(tmp_path, nano_config):
+    hf, config = glm_test_tokenizer(tmp_path / "src")
+    (tmp_path / "src" / "chat_template.jinja").write_text("{{ messages }}")
+    tok = load_tokenizer(tmp_path / "src", config)
+    tok.save(tmp_path / "hf")
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"tokenizer.json", "tokenizer_config.json",
+                                                              "chat_template.jinja"}
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+    again = load_tokenizer(tmp_path / "hf", config)
+    text = "<|user|>\n你好 hello<|image|><|audio|>"
+    assert isinstance(again, HFTokenizer) and again.special_ids == tok.special_ids
+    assert again.encode(text) == tok.encode(text) and again.decode(tok.encode(text)) == text
+    # the byte tokenizer saves a marker that loads back without being asked for; it replaces stale files
+    ByteTokenizer(nano_config).save(tmp_path / "hf")
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["tokenizer_config.json"]
+    back = load_tokenizer(tmp_path / "hf", nano_config)
+    assert isinstance(back, ByteTokenizer) and back.special_ids == ByteTokenizer(nano_config).special_ids
 
 
 def test_hf_without_think_tags_renders_them_as_text(tmp_path):

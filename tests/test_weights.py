@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from autoglm_fast.config import AutoGLMPhoneConfig
+from autoglm_fast.demo import demo_image
+from autoglm_fast.engine import Engine, SchedulerConfig
 from autoglm_fast.reference.model import AutoGLMPhoneForCausalLM
+from autoglm_fast.tokenizer import ByteTokenizer, HFTokenizer, TokenizerNotFoundError
 from autoglm_fast.weights import CONFIG_NAME, INDEX_NAME, CheckpointError, checkpoint_files, parse_size
-from helpers import media_logits
+from helpers import glm_test_tokenizer, media_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -213,6 +217,49 @@ def test_corrupt_index(broken):
     (broken / INDEX_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid safetensors index"):
         AutoGLMPhoneForCausalLM.from_pretrained(broken)
+
+
+# ---- 3. the tokenizer travels with the checkpoint ---------------------------------------------------
+SMALL = SchedulerConfig(max_num_seqs=2, max_model_len=64)
+
+
+def test_engine_checkpoint_without_a_tokenizer_is_an_error(broken, monkeypatch):
+    """A real checkpoint never silently gets the byte tokenizer; asking for it by name works."""
+    def no_weights(*a, **k):
+        raise AssertionError("the tokenizer is checked before the weights load")
+
+    with monkeypatch.context() as m:
+        m.setattr(AutoGLMPhoneForCausalLM, "from_pretrained", no_weights)
+        with pytest.raises(TokenizerNotFoundError, match=f"{re.escape(str(broken))}: no tokenizer.json") as e:
+            Engine.from_pretrained(broken, backend="reference", scheduler=SMALL)
+    assert "--tokenizer bytes" in str(e.value) and "--tokenizer PATH" in str(e.value)
+    engine = Engine.from_pretrained(broken, tokenizer="bytes", backend="reference", scheduler=SMALL)
+    assert isinstance(engine.tokenizer, ByteTokenizer)
+    assert isinstance(Engine.from_preset("nano", backend="reference", scheduler=SMALL).tokenizer, ByteTokenizer)
+
+
+def test_engine_save_pretrained_writes_the_tokenizer(tmp_path):
+    preset = Engine.from_preset("nano", backend="reference", scheduler=SMALL)
+    preset.save_pretrained(tmp_path / "bytes")
+    assert isinstance(Engine.from_pretrained(tmp_path / "bytes", backend="reference", scheduler=SMALL).tokenizer,
+                      ByteTokenizer)
+    _, config = glm_test_tokenizer(tmp_path / "src")
+    model = AutoGLMPhoneForCausalLM.from_config(config, seed=1)
+    engine = Engine(model, tmp_path / "src", backend="reference", scheduler=SMALL)
+    engine.save_pretrained(tmp_path / "hf")
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    loaded = Engine.from_pretrained(tmp_path / "hf", backend="reference", scheduler=SMALL)
+    tok = loaded.tokenizer
+    assert isinstance(tok, HFTokenizer) and tok.special_ids == engine.tokenizer.special_ids
+    image = tok.special_ids["<|image|>"]  # the file's added token (300), not GLM-4.1V's 151343
+    assert image == loaded.config.image_token_id == 300
+    req = loaded.add_request(messages=[{"role": "user", "content": [{"type": "image", "image": demo_image()},
+                                                                     {"type": "text", "text": "hi"}]}])
+    assert image in loaded.requests[req].prompt_ids
+    mismatched = config.to_dict() | {"image_token_id": config.image_token_id + 1}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(mismatched))
+    with pytest.raises(ValueError, match="model config says 301"):
+        Engine.from_pretrained(tmp_path / "hf", backend="reference", scheduler=SMALL)
 
 
 # ---- 4. memory: never two copies -------------------------------------------------------------------

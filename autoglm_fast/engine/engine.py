@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -24,14 +25,14 @@ from ..reference.audio_processing import load_audio, preprocess_audio
 from ..reference.image_processing import load_image, preprocess_images
 from ..reference.model import AutoGLMPhoneForCausalLM
 from ..sampling import Sampler, SamplingParams, make_generator
-from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
 from .request import Request, RequestOutput, Status
 from .runner import FastRunner, ReferenceRunner
 from .scheduler import Scheduler, SchedulerConfig
 
 
 class Engine:
-    def __init__(self, model: AutoGLMPhoneForCausalLM, tokenizer: Tokenizer | None = None, *,
+    def __init__(self, model: AutoGLMPhoneForCausalLM, tokenizer: Tokenizer | str | None = None, *,
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
                  scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
         """cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
@@ -42,7 +43,8 @@ class Engine:
         if backend not in ("fast", "reference"):
             raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
         self.model, self.config, self.backend = model.eval(), model.config, backend
-        self.tokenizer = tokenizer or load_tokenizer(None, model.config)
+        # tokenizer: a Tokenizer, "bytes" or a tokenizer.json path; default the byte tokenizer (presets)
+        self.tokenizer = load_tokenizer(None, model.config, BYTES if tokenizer is None else tokenizer)
         self.sched_config = scheduler or SchedulerConfig()
         text = self.config.text
         if num_blocks is None:  # room for every sequence at full length by default
@@ -83,11 +85,20 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None, device: str | None = None,
-                        load_vision: bool = True, load_audio: bool = True, **kwargs) -> "Engine":
+                        load_vision: bool = True, load_audio: bool = True,
+                        tokenizer: Tokenizer | str | None = None, **kwargs) -> "Engine":
+        """tokenizer: default the checkpoint's own (tokenizer.json, or the byte-tokenizer marker
+        `save_pretrained` writes; neither is a TokenizerNotFoundError), "bytes", a path or a Tokenizer."""
+        if not isinstance(tokenizer, Tokenizer) and Path(directory).is_dir():
+            tokenizer = find_tokenizer(directory, tokenizer)  # before the weights: fail fast
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoGLMPhoneForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
         _drop_modalities(model, load_vision, load_audio)
-        return cls(model, load_tokenizer(directory, model.config), **kwargs)
+        return cls(model, load_tokenizer(directory, model.config, tokenizer), **kwargs)
+
+    def save_pretrained(self, directory, max_shard_size: int | str = "2GB") -> None:
+        """The model's checkpoint plus this engine's tokenizer: `from_pretrained(directory)` needs no option."""
+        self.model.save_pretrained(directory, max_shard_size, tokenizer=self.tokenizer)
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,

@@ -92,9 +92,11 @@ class AutoGLMPhoneForCausalLM(nn.Module):
         from ..weights import load_pretrained
         return load_pretrained(cls, directory, dtype=dtype, device=device)
 
-    def save_pretrained(self, directory, max_shard_size: int | str = "2GB") -> None:
+    def save_pretrained(self, directory, max_shard_size: int | str = "2GB", tokenizer=None) -> None:
+        """See `weights.save_pretrained`; pass the tokenizer (or use `Engine.save_pretrained`) so the
+        checkpoint loads without a tokenizer option."""
         from ..weights import save_pretrained
-        save_pretrained(self, directory, max_shard_size=max_shard_size)
+        save_pretrained(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
 
     def load_hf_weights(self, path, part: str | None = None, **kwargs) -> str:
         """Load a Hugging Face GlmForCausalLM / CLIPVisionModel / Whisper checkpoint into its part

@@ -7,9 +7,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint directory (config.json + safetensors, optional tokenizer.json)")
-    src.add_argument("--preset", help="a preset with seeded random weights (default: nano)")
+    from ..generate_cli import add_model_arguments
+    add_model_arguments(p)  # --model / --preset / --tokenizer
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default="autoglm-phone-9b")
@@ -29,15 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from ..engine import Engine, SchedulerConfig
+    from ..engine import SchedulerConfig
+    from ..generate_cli import load_engine
     from .app import create_app
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log = logging.getLogger("autoglm_fast.server")
     sched = SchedulerConfig(max_num_seqs=args.max_concurrency, max_model_len=args.max_model_len,
                             max_num_batched_tokens=max(2048, args.max_concurrency))
     kw = dict(device=args.device, backend=args.backend, scheduler=sched)
-    engine = (Engine.from_pretrained(args.model, **kw) if args.model
-              else Engine.from_preset(args.preset or "nano", **kw))
+    engine = load_engine(args, **kw)
     app = create_app(engine, args.served_model_name, args.api_key, args.allowed_local_media_path,
                      args.max_queued, args.max_images, args.reasoning_format)
     log.info("Model loaded successfully (%s backend on %s)", engine.backend, engine.device)
