@@ -1,7 +1,9 @@
 """The OpenAI-compatible server, run for real: uvicorn on a loopback port in a background thread, the
 nano preset on the reference backend, driven with httpx, the openai client and LangChain."""
+import argparse
 import asyncio
 import base64
+import http.client
 import io
 import json
 import os
@@ -22,6 +24,7 @@ pytest.importorskip("PIL")
 from autoglm_fast.demo import demo_image, demo_tone  # noqa: E402
 from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig  # noqa: E402
 from autoglm_fast.server import create_app  # noqa: E402
+from autoglm_fast.server.cli import add_arguments  # noqa: E402
 
 SCHED = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=256)
 MODEL = "autoglm-phone-9b"
@@ -116,6 +119,13 @@ def sse_events(lines):
 
 def post(live, body, **kw):
     return httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60, **kw)
+
+
+def openai_error(r, status) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text[:300]
+    return err
 
 
 # ---- basics ------------------------------------------------------------------------------------------------
@@ -223,13 +233,86 @@ def test_bad_inputs_get_openai_errors_and_the_server_survives(live):
             else {"json": body}
         r = httpx.post(live.url + "/v1/chat/completions", timeout=60, **kw)
         assert r.status_code == status, (body if isinstance(body, str) else list(body), r.text)
-        err = r.json()["error"]
-        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+        err = openai_error(r, status)
         assert err["param"] == param, (err, param)
     r = httpx.get(live.url + "/v1/nope")
     assert r.status_code == 404 and "error" in r.json()
     assert live.engine.cache.num_free_blocks == live.engine.cache.capacity
     assert post(live, {**user("still there?"), "max_tokens": 2}).status_code == 200
+
+
+NO_TOOL = [{"type": "function", "function": {"name": "tap", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": NO_TOOL}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [NO_TOOL[0]["function"]]}, "functions"), ({"function_call": {"name": "tap"}}, "function_call"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"logit_bias": {"5": 10}}, "logit_bias"), ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"store": True}, "store"), ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
+    ({"chat_template_kwargs": {"tools": NO_TOOL}}, "chat_template_kwargs.tools"),
+    ({"messages": [{"role": "assistant", "content": "ok", "tool_calls": [{"id": "1", "type": "function"}]},
+                   {"role": "user", "content": "hi"}]}, "messages[0].tool_calls"),
+])
+def test_unimplemented_fields_are_refused_by_name(live, extra, param):
+    err = openai_error(post(live, {**user("hi"), "max_tokens": 1, "stream": True, **extra}), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert param.rsplit(".", 1)[-1].split("[")[0] in err["message"], err
+
+
+def test_fields_that_ask_for_nothing_are_accepted(live):
+    """What the article's clients send, and values of unimplemented fields that ask for nothing."""
+    neutral = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+               "functions": None, "logit_bias": {}, "modalities": ["text"], "store": False, "user": "phone-1",
+               "metadata": {"k": "v"}, "seed": 1, "stop": ["\n\n"], "n": 1, "service_tier": "auto",
+               "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "h", "name": "bob"},
+            {"role": "assistant", "content": "a", "reasoning_content": "r", "tool_calls": []},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes()),
+                                                                          "detail": "auto"}}]}]
+    phone = {"model": MODEL, "temperature": 0.0, "top_p": 0.85, "frequency_penalty": 0.2, "max_tokens": 2}
+    for body in ({**phone, **user("hi"), **neutral}, {**phone, "messages": msgs, "stream": True}):
+        r = post(live, body)
+        assert r.status_code == 200, r.text
+
+
+def _chunked(raw: bytes):
+    return (raw[i:i + 65536] for i in range(0, len(raw), 65536))
+
+
+def test_request_body_limit(request):
+    """Over the limit: 413 before decoding (an over-size body of invalid JSON is a 413, not a 400), with a
+    Content-Length and chunked; under it: served."""
+    live = _serve(request, max_body_bytes=1 << 20)
+    big = json.dumps({**user("hi"), "max_tokens": 1, "user": "x" * (1536 << 10)}).encode()
+    small = json.dumps({**user("hi"), "max_tokens": 1, "user": "x" * (900 << 10)}).encode()
+    url, headers = live.url + "/v1/chat/completions", {"content-type": "application/json"}
+    for raw in (big, b"{" * len(big)):
+        for content, framing in ((raw, "content-length"), (_chunked(raw), "transfer-encoding")):
+            r = httpx.post(url, content=content, headers=headers, timeout=60)
+            assert list(r.request.headers).count("content-length") == (framing == "content-length")
+            err = openai_error(r, 413)
+            assert err["code"] == "request_too_large" and str(1 << 20) in err["message"]
+    assert httpx.post(url, content=small, headers=headers, timeout=60).status_code == 200
+    assert httpx.post(url, content=_chunked(small), headers=headers, timeout=60).status_code == 200
+
+
+def test_default_body_limit_is_64_mib(live):
+    """A declared Content-Length over 64 MiB gets a 413 at once, the body unsent; the CLI option's default."""
+    conn = http.client.HTTPConnection(live.url.removeprefix("http://"), timeout=20)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str((64 << 20) + 1))
+    conn.endheaders(b"{")  # and nothing more: the server must not wait for the other 64 MiB
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).max_body_bytes == 64 << 20
+    assert parser.parse_args(["--max-body-mb", "1.5"]).max_body_bytes == 1536 << 10
 
 
 def test_local_image_under_the_allowed_directory(live, media_dir):

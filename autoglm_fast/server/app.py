@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import THINK_OPEN, ReasoningParser, split_reasoning
 from ..engine import AsyncEngine, Engine
+from .limits import DEFAULT_MAX_BODY_BYTES, read_body
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, chunk, completion, error_body, logprob_entries, message_fields,
                        new_id, parse_chat_request, usage)
@@ -38,13 +39,16 @@ def _request_failed(out) -> APIError:
 
 class Server:
     def __init__(self, engine: Engine, served_model_name: str, api_key: str | None,
-                 allowed_local_media_path: str | None, max_queued: int, max_images: int, reasoning_format: str):
+                 allowed_local_media_path: str | None, max_queued: int, max_images: int, reasoning_format: str,
+                 max_body_bytes: int):
         if reasoning_format not in ("separate", "inline"):
             raise ValueError(f"reasoning_format must be 'separate' or 'inline', got {reasoning_format!r}")
+        if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
         self.engine, self.aengine = engine, AsyncEngine(engine)
         self.model, self.api_key = served_model_name, api_key
         self.allowed, self.max_queued, self.max_images = allowed_local_media_path, max_queued, max_images
-        self.inline = reasoning_format == "inline"
+        self.inline, self.max_body_bytes = reasoning_format == "inline", max_body_bytes
         self.metrics, self.in_flight, self.created = Metrics(), 0, int(time.time())
         self._cleanups: set[asyncio.Task] = set()
 
@@ -94,7 +98,7 @@ class Server:
     # ---- chat completions ---------------------------------------------------------------------------------
     async def chat(self, request: Request):
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request, self.max_body_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         chat = parse_chat_request(body, model_name=self.model, max_model_len=self.engine.sched_config.max_model_len,
@@ -180,10 +184,11 @@ class Server:
 
 def create_app(engine: Engine, served_model_name: str = "autoglm-phone-9b", api_key: str | None = None,
                allowed_local_media_path: str | None = None, max_queued: int = 256, max_images: int = 8,
-               reasoning_format: str = "separate") -> FastAPI:
-    """max_queued: requests in flight (queued or running) beyond which new ones get 429."""
+               reasoning_format: str = "separate", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """max_queued: requests in flight (queued or running) beyond which new ones get 429; max_body_bytes:
+    request bodies larger than this get 413 before they are decoded."""
     server = Server(engine, served_model_name, api_key, allowed_local_media_path, max_queued, max_images,
-                    reasoning_format)
+                    reasoning_format, max_body_bytes)
     app = FastAPI(title="autoglm-fast", version="0.1.0")
     app.state.server = server
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ..sampling import SamplingParams
+from .fields import CHAT_TEMPLATE_KWARGS, MESSAGE, REQUEST, STREAM_OPTIONS, Fields
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # OpenAI name -> SamplingParams name; extras (top_k, min_p, repetition_penalty, ...) are vLLM's.
@@ -38,6 +39,12 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _refuse_unsupported(fields: Fields, obj: dict, where: str = "") -> None:
+    refused = fields.refused(obj, where)
+    if refused is not None:
+        raise APIError(400, refused[1], refused[0])
+
+
 @dataclass
 class ChatRequest:
     messages: list[dict]           # engine-shaped: image / audio parts carry bytes
@@ -53,6 +60,7 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise APIError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
+    _refuse_unsupported(CHAT_TEMPLATE_KWARGS, kwargs, "chat_template_kwargs")
     value = body.get(name, kwargs.get(name, default))
     if not isinstance(value, bool):
         raise APIError(400, f"{name} must be a boolean, got {value!r}", name)
@@ -67,6 +75,7 @@ def parse_chat_request(body, *, model_name: str, max_model_len: int, max_images:
     if model is not None and model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
                        "model_not_found")
+    _refuse_unsupported(REQUEST, body)
     n = body.get("n")
     if n not in (None, 1):
         raise APIError(400, f"only n=1 is supported, got {n!r}", "n")
@@ -76,6 +85,7 @@ def parse_chat_request(body, *, model_name: str, max_model_len: int, max_images:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
+    _refuse_unsupported(STREAM_OPTIONS, options, "stream_options")
     messages = _messages(body.get("messages"), max_images, allowed_local_media_path)
     return ChatRequest(messages, _sampling(body, max_model_len), stream, bool(options.get("include_usage")),
                        _flag(body, "enable_thinking", True), _flag(body, "return_reasoning", False),
@@ -122,6 +132,7 @@ def _messages(messages, max_images: int, allowed: str | None) -> list[dict]:
         if role is None:
             raise APIError(400, f"{where}: unsupported role {msg.get('role')!r}; expected one of {list(ROLES)}",
                            f"{where}.role")
+        _refuse_unsupported(MESSAGE, msg, where)
         content = msg.get("content")
         if isinstance(content, list):
             parts = [_part(p, f"{where}.content[{k}]", allowed) for k, p in enumerate(content)]
