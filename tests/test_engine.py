@@ -1,8 +1,12 @@
 """The engine on the nano preset: continuous batching gives every request what it gets alone, on
-both backends; aborts and floods free every block; bad requests fail alone."""
+both backends; aborts and floods free every block; bad requests fail alone.
+
+The engines run in float32 on every device (fp16 is the CUDA default): exact greedy-token equality
+between backends and batchings assumes fp32-level agreement (the kernels' dots are IEEE fp32 on GPUs too)."""
 import io
 
 import pytest
+import torch
 
 from autoglm_fast.demo import demo_image, demo_tone
 from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
@@ -13,6 +17,7 @@ GREEDY = SamplingParams.greedy(max_tokens=5, ignore_eos=True)
 
 
 def _engine(backend, **kw):
+    kw.setdefault("dtype", torch.float32)
     return Engine.from_preset("nano", seed=0, backend=backend, scheduler=kw.pop("scheduler", SCHED), **kw)
 
 
@@ -64,13 +69,83 @@ def test_decode_through_the_cuda_graph_buffers_matches(reference_solo):
     engine = _engine("fast", cuda_graphs=True)
     assert engine.runner.graphs is not None and engine.cache.null_block is not None
     assert _staggered(engine) == reference_solo  # decode batches of 1 and 2
+    state = engine.graph_state  # on CUDA the graphs were captured and replayed; elsewhere eager, and it says so
+    if torch.cuda.is_available():
+        assert state.status == "captured" and state.replays > 0 and 1 in state.buckets, state
+    else:
+        assert state.status == "off" and "no CUDA" in state.reason and state.replays == 0
+
+
+PROMPTS = ["one", "two two", "three three three"]  # a decode batch of 3, padded to the bucket of 4
+
+
+@pytest.fixture(scope="module")
+def reference_three():
+    return [o.token_ids for o in _engine("reference").generate(PROMPTS, GREEDY)]
+
+
+def _three(engine):
+    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
 
 
 @requires_kernels
-def test_cuda_graph_bucket_padding_matches():
-    prompts = ["one", "two two", "three three three"]  # a decode batch of 3, padded to the bucket of 4
-    want = [o.token_ids for o in _engine("reference").generate(prompts, GREEDY)]
-    assert [o.token_ids for o in _engine("fast", cuda_graphs=True).generate(prompts, GREEDY)] == want
+def test_cuda_graph_bucket_padding_matches(reference_three):
+    assert _three(_engine("fast", cuda_graphs=True)) == reference_three
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_are_captured_and_replayed_on_cuda():
+    """The production setup (fp16, graphs on by default on CUDA): a capture that falls back fails here."""
+    engine = Engine.from_preset("nano", seed=0, backend="fast", scheduler=SCHED)
+    assert engine.graph_state.status == "pending"
+    outs = engine.generate(PROMPTS, GREEDY)  # decode at batch 3: bucket 4
+    outs += engine.generate(["alone"], GREEDY)  # bucket 1
+    state = engine.graph_state
+    assert state.status == "captured" and state.reason is None, state
+    assert state.buckets == (1, 4) and state.replays >= 2 * (GREEDY.max_tokens - 1)
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)
+
+
+def _capturing(engine):
+    """The engine's graphs as on CUDA (capture at each bucket's first decode step), on any device."""
+    graphs = engine.runner.graphs
+    graphs.capture = True
+    assert engine.graph_state.status == "pending"
+    return graphs
+
+
+@requires_kernels
+def test_a_failed_capture_falls_back_to_eager_decoding_and_says_so(reference_three, monkeypatch):
+    engine = _engine("fast", cuda_graphs=True)
+    graphs = _capturing(engine)
+
+    def fail(Bp):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", fail)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        assert _three(engine) == reference_three  # the requests lose speed, never tokens
+    state = engine.graph_state
+    assert state.status == "fallback" and "batch 4" in state.reason and "stream is capturing" in state.reason
+    assert state.replays == 0 and state.buckets == ()
+
+
+@requires_kernels
+def test_replayed_decode_steps_are_counted(reference_three, monkeypatch):
+    """Bookkeeping of the replay path, with a stand-in graph whose replay recomputes the static output."""
+    engine = _engine("fast", cuda_graphs=True)
+    graphs = _capturing(engine)
+
+    def capture(Bp):
+        out = graphs._forward(Bp)
+        graphs.graphs[Bp] = (type("Graph", (), {"replay": lambda self: out.copy_(graphs._forward(Bp))})(), out)
+
+    monkeypatch.setattr(graphs, "_capture", capture)
+    assert _three(engine) == reference_three
+    state = engine.graph_state
+    assert state.status == "captured" and state.reason is None and state.buckets == (4,)
+    assert state.replays == GREEDY.max_tokens - 1  # every decode step after the prefill
+    assert _engine("reference").graph_state.status == "off"
 
 
 def test_flood_larger_than_the_pool_preempts_and_still_matches():
@@ -203,8 +278,6 @@ def test_from_pretrained_checkpoint_equals_the_preset(tmp_path):
 
 def test_media_placeholders_are_never_generated():
     """Sampled freely, the model could pick an image/audio placeholder id, which has no embedding."""
-    import torch
-
     engine = _engine("reference")
     cfg = engine.config
 

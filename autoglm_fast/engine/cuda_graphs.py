@@ -8,10 +8,15 @@ from step to step; splits past a sequence's end exit at once. Everything that ne
 (embedding with media summaries, the cache's block bookkeeping) happens before the replay.
 
 Without CUDA (tests), the same static-buffer path runs eagerly: what the graphs would replay.
+
+What happened is observable (`DecodeGraphs.state`, `Engine.graph_state`): "captured" once decode steps
+replay graphs, "fallback" after a capture failed (a warning, eager decoding from then on, the reason
+kept), "pending" before the first decode step, "off" without capture (no CUDA, or not requested).
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +24,14 @@ from ..paged_cache import PagedAttentionMetadata, PagedKVCache
 from ..reference.model import AutoGLMPhoneForCausalLM
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class GraphState:
+    status: str                     # "captured" | "fallback" | "pending" | "off"
+    reason: str | None = None       # why "fallback" or "off"
+    replays: int = 0                # decode steps replayed from a graph
+    buckets: tuple[int, ...] = ()   # batch sizes captured
 
 
 class DecodeGraphs:
@@ -38,11 +51,23 @@ class DecodeGraphs:
         self.lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
+        self.failure: str | None = None  # why capture fell back to eager decoding
+        self.replays = 0
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
+
+    @property
+    def state(self) -> GraphState:
+        if self.failure is not None:
+            status, reason = "fallback", self.failure
+        elif not self.capture:
+            status, reason = "off", "no CUDA: the static buffers run eagerly"
+        else:
+            status, reason = ("captured" if self.graphs else "pending"), None
+        return GraphState(status, reason, self.replays, tuple(sorted(self.graphs)))
 
     def run(self, meta: PagedAttentionMetadata, embeds: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, H] of a decode step whose metadata the cache just built."""
@@ -72,14 +97,18 @@ class DecodeGraphs:
             try:
                 self._capture(Bp)
             except RuntimeError as e:  # a capture failure must cost speed, never the request
-                warnings.warn(f"CUDA graph capture failed ({e}); decoding eagerly from now on", RuntimeWarning)
+                self.failure = f"capture at batch {Bp} failed: {type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph {self.failure}; decoding eagerly from now on", RuntimeWarning)
                 self.capture = False
                 return self._forward(Bp)
         graph, out = self.graphs[Bp]
         graph.replay()
+        self.replays += 1
         return out
 
     def _capture(self, Bp: int) -> None:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels

@@ -36,7 +36,8 @@ class Engine:
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
                  scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
         """cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
-        True on a CPU runs the same static-buffer path eagerly (what the graphs would replay)."""
+        True on a CPU runs the same static-buffer path eagerly (what the graphs would replay).
+        What decode actually got is `graph_state` ("captured", "fallback" with its reason, ...)."""
         param = model.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
         backend = backend or ("fast" if device_supported(self.device) else "reference")
@@ -146,6 +147,16 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    @property
+    def graph_state(self):
+        """A GraphState: "captured" (decode replays CUDA graphs), "fallback" (a capture failed: eager
+        decoding, `reason` says why), "pending" (no decode step yet) or "off" (not requested, no CUDA)."""
+        from .cuda_graphs import GraphState
+        graphs = getattr(self.runner, "graphs", None)
+        if graphs is not None:
+            return graphs.state
+        return GraphState("off", "the reference backend" if self.backend == "reference" else "not requested")
 
     # ---- the step --------------------------------------------------------------------------------------
     @torch.inference_mode()
