@@ -2,7 +2,7 @@
 `protocol.parse_chat_request`), accepted because ignoring it changes nothing here, accepted only at a
 value that asks for nothing (`tools: []`, `response_format: {"type": "text"}`, ...), or refused with a
 400 naming it. Unknown fields are refused too, as OpenAI does: a field dropped in silence would leave
-the client believing it was honoured. `null` counts as absent."""
+the client believing it was honoured. `null` counts as absent for the fields named here."""
 from __future__ import annotations
 
 
