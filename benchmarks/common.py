@@ -35,6 +35,9 @@ class Row:
     timer: str = "stream"          # "stream" (do_bench), "graph" (CUDA-graph replay), "call", "engine"
     metrics: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # implementation -> why it has no time
+    # implementation -> the CUDA-graph state its engine reported after it ran ("captured", "fallback",
+    # "pending", "off" without CUDA); only implementations that asked for graphs are listed
+    graphs: dict[str, str] = field(default_factory=dict)
 
     def _bounds_ms(self, c: Ceilings) -> tuple[float, float]:
         """(memory, compute) lower bounds in ms; a bound that is not known counts as 0."""

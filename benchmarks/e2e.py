@@ -8,6 +8,8 @@ Rows (`autoglm-fast bench --suite e2e`):
   the backbone's matmuls over the prompt (encoders left out, so it is a lower bound).
 - throughput b8 / b32: ms per generated token for that many requests at once (tokens/s in metrics).
 Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset.
+Each row's `graphs` holds the CUDA-graph state the graphed engine reported after it ran ("captured", or
+"fallback" when capture failed and it decoded eagerly), never the setting that was asked for.
 """
 from __future__ import annotations
 
@@ -91,6 +93,11 @@ def run(rec: Recorder) -> None:
             if row.ms or row.errors:
                 rec.record(row)
 
+    def measured(*rows):  # the graphed engine's rows say what it got: a fallback never reads as a graphed time
+        for row in rows if graphs else ():
+            row.graphs[impl] = engine.graph_state.status
+        emit()
+
     variants = [("ours", "fast", True), ("ours, no graphs", "fast", False), ("reference", "reference", False)]
     if opts.compile_reference:
         variants.append(("reference+compile", "reference", False))
@@ -113,7 +120,7 @@ def run(rec: Recorder) -> None:
             decode.ms[impl], decode.quantiles[impl] = med, (lo, hi)
             if impl == "ours" and torch.cuda.is_available():
                 decode.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            emit()
+            measured(decode)
             if impl == "ours, no graphs":
                 continue  # TTFT and throughput take no graphs (prefill) or barely differ (batched decode)
             request, what = _request(engine)
@@ -121,13 +128,13 @@ def run(rec: Recorder) -> None:
             lm_head = engine.model.lm_head.weight.numel()  # prefill projects only the last position
             ttft.shape = f"{label}, {what} ({prompt_tokens} tokens)"
             ttft.flops = 2 * (per_step - lm_head) * prompt_tokens + 2 * lm_head
-            emit()
+            measured(ttft)
             if backend == "reference" and not small:
                 continue  # the reference runs requests one by one: batch 32 x 128 tokens would not fit the time
             for b, row in throughput.items():
                 row.ms[impl] = _ms_per_token(engine, greedy, b)
                 row.metrics[f"{impl} tokens/s"] = 1e3 / row.ms[impl]
-                emit()
+                measured(row)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for a baseline: record it, go on
             for row in (decode, ttft, *throughput.values()):
                 row.errors.setdefault(impl, _why(e))

@@ -7,6 +7,8 @@
 # Budget: under 8 minutes - every stage has its own timeout, and the suites rewrite their JSON after
 # each row, so a stage cut short still leaves what it measured. No downloads: the checkout is installed
 # into the image's Python without dependencies. The commit comes from git, else from a .commit file.
+# Exit status 1 when a stage fails, and when a CUDA-graph capture fell back to eager decoding in any
+# benchmark row (the report's --require-graphs; the line "CUDA GRAPHS FELL BACK" says which rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu_check_out}}"
@@ -50,9 +52,10 @@ PLOT=()
 parts=()
 for f in "$OUT/kernels.json" "$OUT/e2e.json"; do [ -s "$f" ] && parts+=("$f"); done
 if [ ${#parts[@]} -gt 0 ]; then
-  "$PY" -m autoglm_fast.benchmarks --load "${parts[@]}" --json "$OUT/results.json" \
-    --markdown "$OUT/results.md" "${PLOT[@]}" >"$OUT/report.log" 2>&1 || status=1
+  "$PY" -m autoglm_fast.benchmarks --load "${parts[@]}" --json "$OUT/results.json" --require-graphs \
+    --markdown "$OUT/results.md" "${PLOT[@]}" >"$OUT/report.log" 2>"$OUT/report.err" || status=1
   cat "$OUT/results.md"
+  tee -a "$OUT/stages.log" <"$OUT/report.err"  # failed rows, CUDA-graph fallbacks: on stdout and in the log
 fi
 stage "done (status $status)"
 exit $status

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 SCHEMA = "autoglm-fast-bench/1"
-BASELINES = ("eager", "compile", "sdpa")
-CHECK = "max error vs eager"  # a metric of every kernel row: its own column, not a note  # column order; e2e's own implementations follow in row order
+BASELINES = ("eager", "compile", "sdpa")  # column order; e2e's own implementations follow in row order
+CHECK = "max error vs eager"  # a metric of every kernel row: its own column, not a note
+GRAPHED = ("captured", "off")  # CUDA-graph states that are not a fallback ("off": no CUDA, e.g. a CPU run)
 
 
 def _clean(x):
@@ -84,11 +85,12 @@ def markdown(run: dict) -> str:
         rows = [r for r in run["rows"] if r["suite"] == suite]
         impls = _impls(rows)
         checked = any(CHECK in r.get("metrics", {}) for r in rows)
+        graphed = any(r.get("graphs") for r in rows)
         lines += ["", f"## {suite}", "",
                   "| case | shape | ours ms (p20–p80) | " + " | ".join(f"{i} ms" for i in impls) +
                   " | GB/s | TFLOP/s | % roofline | " + " | ".join(f"vs {i}" for i in impls) +
-                  (" | err vs eager" if checked else "") + " | timer |",
-                  "|---|---|---:|" + "---:|" * (2 * len(impls) + 3 + checked) + "---|"]
+                  (" | err vs eager" if checked else "") + (" | CUDA graphs" if graphed else "") + " | timer |",
+                  "|---|---|---:|" + "---:|" * (2 * len(impls) + 3 + checked) + "---|" * graphed + "---|"]
         for r in rows:
             ours = r["ms"].get("ours")
             lo, hi = r.get("quantiles", {}).get("ours") or (None, None)
@@ -102,7 +104,7 @@ def markdown(run: dict) -> str:
                          f" | {_num(r.get('gbs'), '.4g')} | {_num(r.get('tflops'), '.4g')} | "
                          f"{_num(r.get('roofline_pct'), '.1f')} | " + " | ".join(speed) +
                          (f" | {_num(r.get('metrics', {}).get(CHECK), '.1e')}" if checked else "") +
-                         f" | {r['timer']} |")
+                         (f" | {_graphs_cell(r)}" if graphed else "") + f" | {r['timer']} |")
         notes = [f"- {r['case']} {r['shape']}: {k}: {_num(v, '.4g')}" for r in rows
                  for k, v in r.get("metrics", {}).items() if k != CHECK]
         if suite == "e2e":  # the with/without graphs and reference decode rates against the same roofline
@@ -113,9 +115,22 @@ def markdown(run: dict) -> str:
         lines += [""] + notes if notes else []
     lines += ["", "% roofline: the larger of bytes / measured copy bandwidth and FLOPs / measured matmul peak, "
               "over ours. vs X: X's time / ours (above 1 = ours faster). err vs eager: max |ours - eager| / "
-              "(1 + |eager|) on the same inputs. Timer: stream = `do_bench` (L2 flushed), "
+              "(1 + |eager|) on the same inputs. CUDA graphs: what the graphed engine got (captured; "
+              "fallback = capture failed and it decoded eagerly, not a graphed time; off = no CUDA). "
+              "Timer: stream = `do_bench` (L2 flushed), "
               "graph = CUDA-graph replay, engine = wall clock through the engine, call = one call (smoke run)."]
     return "\n".join(lines) + "\n"
+
+
+def _graphs_cell(r: dict) -> str:
+    return ", ".join(f"{k}: {v}" if v in GRAPHED else f"**{k}: {v}**" for k, v in r.get("graphs", {}).items()) or "–"
+
+
+def graph_fallbacks(run: dict) -> list[str]:
+    """"suite case shape: impl status" for every implementation that asked for CUDA graphs and did not
+    decode from them ("fallback": capture failed; "pending": never captured). A CPU run's "off" passes."""
+    return [f"{r['suite']} {r['case']} {r['shape']}: {impl} {status}" for r in run["rows"]
+            for impl, status in (r.get("graphs") or {}).items() if status not in GRAPHED]
 
 
 def plot(run: dict, directory: str | Path) -> list[Path]:

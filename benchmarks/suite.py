@@ -2,6 +2,7 @@
 
     autoglm-fast bench [--suite kernels|e2e|all] [--shapes small|real] [--out DIR] [--json OUT]
                        [--markdown OUT] [--plot DIR] [--compare BASE.json] [-k FILTER] [--load RUN.json ...]
+                       [--require-graphs]
 
 Each run first measures the device's copy bandwidth and dense matmul rate, then times every case:
 ours vs eager PyTorch vs torch.compile (and SDPA for attention), reported as ms, GB/s or TFLOP/s and %
@@ -49,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", metavar="BASE.json", help="per-row speedup vs a saved run; flags regressions")
     p.add_argument("--threshold", type=float, default=5.0, help="regression threshold in %% (default 5)")
     p.add_argument("--fail-on-regression", action="store_true", help="exit 1 when --compare flags a regression")
+    p.add_argument("--require-graphs", action="store_true",
+                   help="exit 1 when an implementation that asked for CUDA graphs fell back to eager decoding "
+                        "(a CPU run, where graphs are off, passes)")
     p.add_argument("--load", metavar="RUN.json", nargs="+",
                    help="measure nothing: render saved run(s) from one device, merged (with --json: saved merged)")
 
@@ -126,8 +130,9 @@ def measure(args, opts: Options) -> dict:
             run["rows"][at] = d
         base = "  ".join(f"{k} {v:.4g}" for k, v in row.ms.items() if k != "ours")
         errors = f"  ERRORS {row.errors}" if row.errors else ""
+        graphs = f"  graphs {row.graphs}" if row.graphs else ""
         print(f"[{row.suite}] {row.case} | {row.shape} | ours {row.ms.get('ours', float('nan')):.4g} ms  {base}"
-              f"  | {d['roofline_pct']:.1f} % roofline{errors}", flush=True)
+              f"  | {d['roofline_pct']:.1f} % roofline{graphs}{errors}", flush=True)
         if args.json:
             report.write_json(run, args.json)
 
@@ -189,6 +194,11 @@ def run_cli(args) -> int:
     if any("ours" in r.get("errors", {}) for r in run["rows"]):
         print("some of our implementations failed (see the errors above)", file=sys.stderr)
         status = 1
+    fallbacks = report.graph_fallbacks(run)
+    if fallbacks:  # said every time; an exit status only when asked for
+        print("CUDA GRAPHS FELL BACK to eager decoding (these are not graphed times): " + "; ".join(fallbacks),
+              file=sys.stderr)
+        status = 1 if args.require_graphs else status
     if base is not None:
         text, regressions = report.compare(run, base, args.threshold / 100)
         print("\n" + text)

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from autoglm_fast.benchmarks import report
-from autoglm_fast.benchmarks.common import Ceilings, Options, Recorder, Row, max_error, measure_ceilings
+from autoglm_fast.benchmarks.common import TOLERANCE, Ceilings, Options, Recorder, Row, max_error, measure_ceilings
 from autoglm_fast.benchmarks.suite import main as bench_main
 from kernel_harness import requires_kernels
 
 CLI = str(Path(sys.executable).parent / "autoglm-fast")
 CEIL = Ceilings("test", bandwidth_gbs=1000.0, matmul_tflops={"float16": 100.0, "bfloat16": 50.0})
+# What `autoglm-fast bench` picks on this machine: these tests also run on CUDA machines.
+ON_GPU = torch.cuda.is_available()
+DEVICE, DTYPE, GRAPHS = ("cuda", "float16", "captured") if ON_GPU else ("cpu", "float32", "off")
 
 
 def test_roofline_is_the_larger_bound_with_the_rows_dtype_peak():
@@ -78,17 +81,19 @@ def _strict(text: str) -> dict:
 
 
 @requires_kernels
-def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
-    """The acceptance command: `autoglm-fast bench --shapes small` on a CPU-only machine, all three outputs."""
-    out = subprocess.run([CLI, "bench", "--shapes", "small"], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+def test_bench_small_writes_json_markdown_and_plots(tmp_path):
+    """The acceptance command: `autoglm-fast bench --shapes small` on a CPU-only machine, all three outputs.
+    On a GPU it runs the same small shapes compiled (without the slow max-autotune compile baselines)."""
+    args = [CLI, "bench", "--shapes", "small", "--require-graphs"] + (["--compile-mode", "none"] if ON_GPU else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    (saved,) = (tmp_path / "bench-results").iterdir()  # the default folder: bench-results/<time>-cpu
-    assert saved.name.endswith("-cpu")
+    (saved,) = (tmp_path / "bench-results").iterdir()  # the default folder: bench-results/<time>-<device>
+    assert saved.name.endswith(f"-{DEVICE}")
     run = _strict((saved / "results.json").read_text())
     assert run["schema"] == report.SCHEMA and run["complete"] and run["options"]["suites"] == ["kernels", "e2e"]
     assert {"device", "torch", "triton", "python"} <= set(run["environment"]) and run["commit"] and run["date"]
-    assert run["ceilings"]["bandwidth_gbs"] > 0 and run["ceilings"]["matmul_tflops"]["float32"] > 0
+    assert run["options"]["dtype"] == DTYPE
+    assert run["ceilings"]["bandwidth_gbs"] > 0 and run["ceilings"]["matmul_tflops"][DTYPE] > 0
     cases = {r["case"] for r in run["rows"]}
     assert {"vision proj+LN", "audio proj+LN", "vision attention", "audio attention", "vision adapter",
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
@@ -98,8 +103,10 @@ def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
         if r["suite"] == "kernels":  # every kernel row checked its output against eager on the same inputs
-            assert r["metrics"]["max error vs eager"] <= 1e-3, r
+            assert r["metrics"]["max error vs eager"] <= TOLERANCE[DTYPE], r
         assert set(r["speedup"]) == set(r["ms"]) - {"ours"}
+        # the graphed engine's state after it ran (on CUDA: captured, else the run failed --require-graphs)
+        assert r["graphs"] == ({"ours": GRAPHS} if r["suite"] == "e2e" else {}), r
     decode = next(r for r in run["rows"] if r["case"] == "decode attention")
     assert decode["ms"].keys() == {"ours", "eager", "sdpa"} and decode["roofline_pct"] > 0
     assert decode["gbs"] == pytest.approx(decode["bytes"] / decode["ms"]["ours"] / 1e6)
@@ -111,6 +118,7 @@ def test_bench_small_on_cpu_writes_json_markdown_and_plots(tmp_path):
 
     md = (saved / "results.md").read_text()
     assert "## kernels" in md and "## e2e" in md and "% roofline by implementation: ours" in md
+    assert f"| ours: {GRAPHS} |" in md and "CUDA GRAPHS FELL BACK" not in out.stderr
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == len(run["rows"]) + 2  # a header per suite + one line per row
     assert len({line.count("|") for line in table if "kernels" not in line}) <= 2  # one width per suite
@@ -150,6 +158,30 @@ def test_compare_flags_only_regressions_over_the_threshold(tmp_path, capsys):
         (tmp_path / "now.json").read_text())["rows"] and (tmp_path / "again" / "plots" / "roofline.png").exists()
     other = _run([("a", "1", 1.0)], device="GPU Y")
     assert "different devices" in report.compare(other, base)[0]
+
+
+def test_a_cuda_graph_fallback_is_flagged_and_fails_require_graphs(tmp_path, capsys):
+    run = _run([("a", "1", 1.0)])
+    e2e = [Row("e2e", case, "9b", "float16", {"ours": 5.0, "reference": 50.0}, timer="engine",
+               graphs={"ours": status}).to_dict(CEIL) for case, status in (("decode b1", "fallback"),
+                                                                          ("ttft", "captured"))]
+    run["rows"] += e2e + [Row("e2e", "throughput b8", "9b", "float16", {"ours": 1.0}, graphs={"ours": "pending"},
+                              timer="engine").to_dict(CEIL)]
+    assert report.graph_fallbacks(run) == ["e2e decode b1 9b: ours fallback", "e2e throughput b8 9b: ours pending"]
+    md = report.markdown(run)
+    assert "| **ours: fallback** | engine |" in md and "| ours: captured | engine |" in md
+    assert "CUDA graphs" in md.split("## e2e")[1] and "CUDA graphs" not in md.split("## e2e")[0].split("## kernels")[1]
+    report.write_json(run, tmp_path / "run.json")
+    assert _strict((tmp_path / "run.json").read_text())["rows"][1]["graphs"] == {"ours": "fallback"}
+    assert bench_main(["--load", str(tmp_path / "run.json")]) == 0  # said, but no failure unless asked for
+    assert "CUDA GRAPHS FELL BACK" in capsys.readouterr().err
+    assert bench_main(["--load", str(tmp_path / "run.json"), "--require-graphs"]) == 1
+    assert "e2e decode b1 9b: ours fallback" in capsys.readouterr().err
+    for row in run["rows"][1:]:  # captured on a GPU, off on a CPU (no CUDA): neither is a fallback
+        row["graphs"] = {"ours": "off" if row["case"] == "ttft" else "captured"}
+    report.write_json(run, tmp_path / "ok.json")
+    assert report.graph_fallbacks(run) == [] and bench_main(["--load", str(tmp_path / "ok.json"), "--require-graphs"]) == 0
+    assert "FELL BACK" not in capsys.readouterr().err
 
 
 def test_saved_runs_merge_and_render_and_partial_runs_say_so(tmp_path):
