@@ -105,15 +105,20 @@ def reference_attention(qkv: torch.Tensor, num_heads: int, key_padding_mask: tor
 
 
 def compile_specs():
-    from .compile_matrix import CompileSpec
+    """Every config, at the masked launch (compile matrix): a ragged batch of 2 audio clips padded to L=375
+    tokens (30 s), qkv [2, 375, 1536] from the in-projection, 8 heads x 64, bool key-padding mask [2, 375]."""
+    from .specs import CompileSpec, TensorArg
+    B, L, heads, head_dim = 2, 375, 8, 64
+    E = heads * head_dim
     specs = []
     for dtype in ("fp16", "bf16"):
-        sig = {"qkv_ptr": f"*{dtype}", "mask_ptr": "*u8", "o_ptr": f"*{dtype}", "L": "i32", "L_BUCKET": "i32",
-               "stride_qb": "i32", "stride_ql": "i32", "stride_mb": "i32", "stride_ob": "i32", "stride_ol": "i32",
-               "qk_scale": "fp32"}
+        t = TensorArg(dtype)
+        args = {"qkv_ptr": t, "mask_ptr": TensorArg("u8"), "o_ptr": t, "L": L,
+                "L_BUCKET": triton.next_power_of_2(L), "stride_qb": L * 3 * E, "stride_ql": 3 * E, "stride_mb": L,
+                "stride_ob": L * E, "stride_ol": E, "qk_scale": _LOG2E / math.sqrt(head_dim), "NUM_HEADS": heads,
+                "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_MASK": True, "IEEE": False}
         for cfg in ATTN_CONFIGS:
             specs.append(CompileSpec.from_config(
-                "adapter_attention", adapter_attention_kernel, sig,
-                {"NUM_HEADS": 8, "HEAD_DIM": 64, "BLOCK_D": 64, "HAS_MASK": True, "IEEE": False}, cfg,
+                "adapter_attention", adapter_attention_kernel, args, cfg,
                 label=f"{dtype} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"))
     return specs

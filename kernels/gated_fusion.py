@@ -156,21 +156,24 @@ def reference_fusion(t, weight, bias, v=None, a=None, has_v=None, has_a=None):
 
 
 def compile_specs():
-    from .compile_matrix import CompileSpec
+    """The launches at GLM-4-9B's hidden 3584 (weight [3, 3H], contiguous rows; compile matrix): a prefill of
+    T=300 text rows per sequence (summary kernel, then rows), and decode (T=1: summary inline)."""
+    from .specs import CompileSpec, TensorArg
+    H, T = 3584, 300
+    block_h, summary = triton.next_power_of_2(H), min(SUMMARY_BLOCK, triton.next_power_of_2(H))
     specs = []
     for dtype in ("fp16", "bf16"):
-        ptr = f"*{dtype}"
-        common = {"w_ptr": ptr, "b_ptr": ptr, "v_ptr": ptr, "a_ptr": ptr, "hv_ptr": "*u8", "ha_ptr": "*u8"}
-        sig = {"t_ptr": ptr, "z_ptr": ptr, **common, "c_ptr": "*fp32", "T": "i32", "H": "i32",
-               "stride_tr": "i32", "stride_zr": "i32", "stride_w": "i32", "stride_v": "i32", "stride_a": "i32"}
+        t = TensorArg(dtype)
+        common = {"w_ptr": t, "b_ptr": t, "v_ptr": t, "a_ptr": t, "hv_ptr": TensorArg("u8"), "ha_ptr": TensorArg("u8"),
+                  "H": H, "stride_w": 3 * H, "stride_v": H, "stride_a": H, "HAS_V": True, "HAS_A": True}
         for inline in (False, True):
-            specs.append(CompileSpec("gated_fusion", gated_fusion_kernel, sig,
-                                     {"HAS_V": True, "HAS_A": True, "INLINE_SUMMARY": inline, "BLOCK_H": 4096,
-                                      "SUMMARY": SUMMARY_BLOCK},
-                                     num_warps=_warps(4096), num_stages=1,
-                                     label=f"{dtype} H=3584 {'inline summary' if inline else 'rows'} w{_warps(4096)}"))
-        sig = {**common, "c_ptr": "*fp32", "H": "i32", "stride_w": "i32", "stride_v": "i32", "stride_a": "i32"}
-        specs.append(CompileSpec("fusion_summary", fusion_summary_kernel, sig,
-                                 {"HAS_V": True, "HAS_A": True, "BLOCK": SUMMARY_BLOCK}, num_warps=4, num_stages=1,
-                                 hot=False, label=f"{dtype} H=3584 w4"))
+            args = {**common, "t_ptr": t, "z_ptr": t, "c_ptr": t if inline else TensorArg("fp32"),
+                    "T": 1 if inline else T, "stride_tr": H, "stride_zr": H, "INLINE_SUMMARY": inline,
+                    "BLOCK_H": block_h, "SUMMARY": summary}
+            specs.append(CompileSpec("gated_fusion", gated_fusion_kernel, args, num_warps=_warps(block_h),
+                                     label=f"{dtype} H={H} {'T=1 inline summary' if inline else 'rows'} "
+                                                         f"w{_warps(block_h)}"))
+        specs.append(CompileSpec("fusion_summary", fusion_summary_kernel,
+                                 {**common, "c_ptr": TensorArg("fp32"), "BLOCK": summary}, num_warps=4,
+                                 hot=False, label=f"{dtype} H={H} w4"))
     return specs

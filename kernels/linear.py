@@ -179,28 +179,31 @@ def reference_linear(x, weight, bias=None, *, epilogue="none", residual=None, ln
 
 
 def compile_specs():
-    """Every config the launchers can pick, at the adapter's real shapes (compile matrix)."""
-    from .compile_matrix import CompileSpec
+    """Every config the launchers can pick, at the vision adapter's real launches (compile matrix): 257 tokens,
+    proj 1024->512 (+LayerNorm), FFN 512->2048 (+GELU) and 2048->512 (+residual), contiguous rows. The audio
+    adapter (384->512, up to 375 tokens) specializes the same: every width is a multiple of 16, M is not."""
+    from .specs import CompileSpec, TensorArg
+    M, shapes = 257, {"gelu": (2048, 512), "residual": (512, 2048), "layernorm": (512, 1024)}  # (N, K)
     specs = []
     for dtype in ("fp16", "bf16"):
-        ptr = f"*{dtype}"
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "r_ptr": ptr, "y_ptr": ptr, "M": "i32", "N": "i32",
-               "K": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_rm": "i32",
-               "stride_ym": "i32"}
+        t = TensorArg(dtype)
+        rows = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "y_ptr": t, "M": M, "M_BUCKET": triton.next_power_of_2(M),
+                "HAS_BIAS": True, "IEEE": False}
         for epi in ("gelu", "residual"):
+            N, K = shapes[epi]
+            args = {**rows, "r_ptr": t, "N": N, "K": K, "stride_xm": K, "stride_wn": K, "stride_rm": N,
+                    "stride_ym": N, "EPILOGUE": EPILOGUES[epi]}
             for cfg in GEMM_CONFIGS:
                 specs.append(CompileSpec.from_config(
-                    f"linear+{epi}", linear_kernel, sig,
-                    {"HAS_BIAS": True, "EPILOGUE": EPILOGUES[epi], "IEEE": False}, cfg,
+                    f"linear+{epi}", linear_kernel, args, cfg,
                     label=f"{dtype} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} "
                           f"w{cfg.num_warps} s{cfg.num_stages}"))
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "lnw_ptr": ptr, "lnb_ptr": ptr, "y_ptr": ptr,
-               "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_xm": "i32", "stride_wn": "i32",
-               "stride_ym": "i32", "eps": "fp32"}
+        N, K = shapes["layernorm"]
+        args = {**rows, "lnw_ptr": t, "lnb_ptr": t, "N": N, "K": K, "stride_xm": K, "stride_wn": K, "stride_ym": N,
+                "eps": 1e-5, "BLOCK_N": triton.next_power_of_2(N)}
         for cfg in LN_CONFIGS:
             specs.append(CompileSpec.from_config(
-                "linear+layernorm", linear_layernorm_kernel, sig,
-                {"HAS_BIAS": True, "IEEE": False, "BLOCK_N": 512}, cfg,
-                label=f"{dtype} {cfg.kwargs['BLOCK_M']}x512x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} "
+                "linear+layernorm", linear_layernorm_kernel, args, cfg,
+                label=f"{dtype} {cfg.kwargs['BLOCK_M']}x{N}x{cfg.kwargs['BLOCK_K']} w{cfg.num_warps} "
                       f"s{cfg.num_stages}"))
     return specs

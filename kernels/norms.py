@@ -124,21 +124,23 @@ def reference_swiglu(gate_up):
 
 
 def compile_specs():
-    from .compile_matrix import CompileSpec
-    hidden, intermediate = 3584, 26880  # GLM-4-9B
+    """The launches at GLM-4-9B's shapes (hidden 3584, intermediate 26880), contiguous rows (compile matrix)."""
+    from .specs import CompileSpec, TensorArg
+    hidden, intermediate = 3584, 26880
     block_h = triton.next_power_of_2(hidden)
     block = min(SWIGLU_BLOCK, triton.next_power_of_2(intermediate))
     specs = []
     for dtype in ("fp16", "bf16"):
-        ptr = f"*{dtype}"
-        sig = {"x_ptr": ptr, "w_ptr": ptr, "y_ptr": ptr, "r_ptr": ptr, "s_ptr": ptr, "H": "i32", "eps": "fp32",
-               "stride_x": "i32", "stride_y": "i32", "stride_r": "i32", "stride_s": "i32"}
+        t = TensorArg(dtype)
+        rows = {"x_ptr": t, "w_ptr": t, "y_ptr": t, "r_ptr": t, "s_ptr": t, "H": hidden, "eps": 1e-5,
+                **{s: hidden for s in ("stride_x", "stride_y", "stride_r", "stride_s")}, "BLOCK_H": block_h}
         for res in (False, True):
-            specs.append(CompileSpec("rms_norm", rms_norm_kernel, sig, {"HAS_RESIDUAL": res, "BLOCK_H": block_h},
-                                     num_warps=_norm_warps(block_h), num_stages=1,
+            specs.append(CompileSpec("rms_norm", rms_norm_kernel, {**rows, "HAS_RESIDUAL": res},
+                                     num_warps=_norm_warps(block_h),
                                      label=f"{dtype} H={hidden} {'+residual' if res else 'plain'} "
                                            f"w{_norm_warps(block_h)}"))
-        sig = {"x_ptr": ptr, "y_ptr": ptr, "I": "i32", "stride_x": "i32", "stride_y": "i32"}
-        specs.append(CompileSpec("swiglu", swiglu_kernel, sig, {"BLOCK": block}, num_warps=4, num_stages=1,
+        args = {"x_ptr": t, "y_ptr": t, "I": intermediate, "stride_x": 2 * intermediate, "stride_y": intermediate,
+                "BLOCK": block}
+        specs.append(CompileSpec("swiglu", swiglu_kernel, args, num_warps=4,
                                  label=f"{dtype} I={intermediate} block {block} w4"))
     return specs

@@ -331,34 +331,40 @@ def reference_paged_attention(q, k_pool, v_pool, block_tables, seq_lens, query_s
 
 
 def compile_specs():
-    """Every config the launchers can pick, at the GLM shapes: 28 query / 2 KV heads, head_dim 128, pages of 32."""
-    from .compile_matrix import CompileSpec
-    glm = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_SIZE": 32, "IEEE": False}
-    group = {"NUM_HEADS": 28, "GROUP": 14, "GROUP_PAD": 16}
-    strides = {n: "i32" for n in ("stride_kb", "stride_kt", "stride_kh", "stride_vb", "stride_vt", "stride_vh",
-                                  "stride_bt")}
+    """Every config the launchers can pick, at GLM-4-9B's launches (compile matrix): 28 query / 2 KV heads of 128,
+    pools [blocks, 32, 2, 128], q and out contiguous [tokens, 28, 128]. Prefill: one 300-token prompt (a block
+    table 10 pages wide). Decode (CUDA graphs: tables cdiv(4096, 32) = 256 pages wide): a 300-token context in
+    one split, and a 4096-token one in 16 splits of 256 (decode_num_splits on 132 SMs), then their merge."""
+    from .specs import CompileSpec, TensorArg
+    num_heads, num_kv_heads, head_dim, block_size = 28, 2, 128, 32
+    group = num_heads // num_kv_heads
+    pool = {"b": block_size * num_kv_heads * head_dim, "t": num_kv_heads * head_dim, "h": head_dim}
+    consts = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SIZE": block_size, "IEEE": False}
+    decode = {"NUM_HEADS": num_heads, "GROUP": group, "GROUP_PAD": max(16, triton.next_power_of_2(group))}
     specs = []
     for dtype in ("fp16", "bf16"):
-        ptr = f"*{dtype}"
-        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "bt_ptr": "*i32", "seq_lens_ptr": "*i32",
-               "qsl_ptr": "*i32", "Q_BUCKET": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32",
-               "stride_oh": "i32", **strides, "qk_scale": "fp32"}
+        t, i32, f32 = TensorArg(dtype), TensorArg("i32"), TensorArg("fp32")
+        common = {"q_ptr": t, "k_ptr": t, "v_ptr": t, "o_ptr": t, "bt_ptr": i32, "seq_lens_ptr": i32,
+                  **{f"stride_{c}{d}": n for c in "kv" for d, n in pool.items()},
+                  "qk_scale": _LOG2E / math.sqrt(head_dim), **consts}
+        args = {**common, "qsl_ptr": i32, "Q_BUCKET": 512, "stride_qt": num_heads * head_dim, "stride_qh": head_dim,
+                "stride_ot": num_heads * head_dim, "stride_oh": head_dim, "stride_bt": 10, "GROUP": group}
         for cfg in PREFILL_CONFIGS:
             specs.append(CompileSpec.from_config(
-                "paged_prefill_attention", paged_prefill_kernel, sig, {"GROUP": 14, **glm}, cfg,
+                "paged_prefill_attention", paged_prefill_kernel, args, cfg,
                 label=f"{dtype} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"))
-        sig = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "o_ptr": ptr, "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-               "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "split_len": "i32", "num_splits": "i32", "stride_qs": "i32",
-               "stride_qh": "i32", "stride_os": "i32", "stride_oh": "i32", **strides, "qk_scale": "fp32"}
-        cfg = DECODE_CONFIG  # a plain @triton.jit: CompileSpec.from_config would unwrap it to the Python function
-        for split in (False, True):
-            specs.append(CompileSpec(
-                "paged_decode_attention", paged_decode_kernel, sig, {**group, **glm, "SPLIT": split, **cfg.kwargs},
-                cfg.num_warps, cfg.num_stages, label=f"{dtype} {'split' if split else 'single'} "
-                                                     f"{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"))
-        sig = {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": ptr, "seq_lens_ptr": "*i32",
-               "split_len": "i32", "num_splits": "i32", "stride_os": "i32", "stride_oh": "i32"}
-        specs.append(CompileSpec("paged_decode_reduce", paged_decode_reduce_kernel, sig,
-                                 {**group, "HEAD_DIM": 128, "BLOCK_D": 128}, num_warps=4, num_stages=1,
-                                 label=f"{dtype} w4"))
+        rows = {"stride_os": num_heads * head_dim, "stride_oh": head_dim, **decode}
+        for splits, split_len in ((1, 320), (16, 256)):
+            part_o, part_lse = (f32, f32) if splits > 1 else (t, t)  # unused without splits: the launcher passes out
+            args = {**common, **rows, "part_o_ptr": part_o, "part_lse_ptr": part_lse, "split_len": split_len,
+                    "num_splits": splits, "stride_qs": num_heads * head_dim, "stride_qh": head_dim, "stride_bt": 256,
+                    "SPLIT": splits > 1}
+            specs.append(CompileSpec.from_config(
+                "paged_decode_attention", paged_decode_kernel, args, DECODE_CONFIG,
+                label=f"{dtype} {f'{splits} splits' if splits > 1 else 'single'} {DECODE_CONFIG.kwargs['BLOCK_N']} "
+                      f"w{DECODE_CONFIG.num_warps} s{DECODE_CONFIG.num_stages}"))
+        args = {**rows, "part_o_ptr": f32, "part_lse_ptr": f32, "o_ptr": t, "seq_lens_ptr": i32, "split_len": 256,
+                "num_splits": 16, "HEAD_DIM": head_dim, "BLOCK_D": head_dim}
+        specs.append(CompileSpec("paged_decode_reduce", paged_decode_reduce_kernel, args, num_warps=4,
+                                 label=f"{dtype} 16 splits w4"))
     return specs

@@ -150,20 +150,23 @@ def reference_qkv_rope_cache_write(qkv, bias, positions, slot_mapping, inv_freq,
 
 
 def compile_specs():
-    from .compile_matrix import CompileSpec
-    num_heads, num_kv_heads, head_dim, rot_pairs = 28, 2, 128, 32  # GLM-4-9B: rotary_dim 64, block_size 32
+    """The launch at GLM-4-9B's shapes (compile matrix): 28 q / 2 KV heads of 128, rotary_dim 64, pools
+    [blocks, 32, 2, 128], contiguous qkv [tokens, 4096] and q_out [tokens, 28, 128]."""
+    from .specs import CompileSpec, TensorArg
+    num_heads, num_kv_heads, head_dim, rot_pairs, block_size = 28, 2, 128, 32, 32
     heads, half_block, warps = _launch_config(num_heads + 2 * num_kv_heads, head_dim)
+    pool = {"b": block_size * num_kv_heads * head_dim, "s": num_kv_heads * head_dim, "h": head_dim}
     specs = []
     for dtype in ("fp16", "bf16"):
-        ptr = f"*{dtype}"
-        sig = {"qkv_ptr": ptr, "bias_ptr": ptr, "pos_ptr": "*i64", "slot_ptr": "*i64", "inv_freq_ptr": "*fp32",
-               "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "num_heads": "i32", "num_kv_heads": "i32",
-               "block_size": "i32", **{s: "i32" for s in ("stride_xt", "stride_qt", "stride_qh", "stride_kb",
-                                                          "stride_ks", "stride_kh", "stride_vb", "stride_vs",
-                                                          "stride_vh")}}
+        t = TensorArg(dtype)
+        args = {"qkv_ptr": t, "pos_ptr": TensorArg("i64"), "slot_ptr": TensorArg("i64"),
+                "inv_freq_ptr": TensorArg("fp32"), "q_ptr": t, "k_ptr": t, "v_ptr": t, "num_heads": num_heads,
+                "num_kv_heads": num_kv_heads, "block_size": block_size,
+                "stride_xt": (num_heads + 2 * num_kv_heads) * head_dim, "stride_qt": num_heads * head_dim,
+                "stride_qh": head_dim, **{f"stride_{c}{d}": n for c in "kv" for d, n in pool.items()},
+                "HEAD_DIM": head_dim, "ROT_PAIRS": rot_pairs, "HEADS": heads, "HALF_BLOCK": half_block}
         for has_bias in (True, False):
-            specs.append(CompileSpec("qkv_rope_cache", qkv_rope_cache_kernel, sig,
-                                     {"HEAD_DIM": head_dim, "ROT_PAIRS": rot_pairs, "HAS_BIAS": has_bias,
-                                      "HEADS": heads, "HALF_BLOCK": half_block}, num_warps=warps, num_stages=1,
+            specs.append(CompileSpec("qkv_rope_cache", qkv_rope_cache_kernel,
+                                     {**args, "bias_ptr": t, "HAS_BIAS": has_bias}, num_warps=warps,
                                      label=f"{dtype} 28/2x128 rot64 {'bias' if has_bias else 'no bias'} w{warps}"))
     return specs
