@@ -180,7 +180,8 @@ def test_a_cuda_graph_fallback_is_flagged_and_fails_require_graphs(tmp_path, cap
     for row in run["rows"][1:]:  # captured on a GPU, off on a CPU (no CUDA): neither is a fallback
         row["graphs"] = {"ours": "off" if row["case"] == "ttft" else "captured"}
     report.write_json(run, tmp_path / "ok.json")
-    assert report.graph_fallbacks(run) == [] and bench_main(["--load", str(tmp_path / "ok.json"), "--require-graphs"]) == 0
+    assert report.graph_fallbacks(run) == []
+    assert bench_main(["--load", str(tmp_path / "ok.json"), "--require-graphs"]) == 0
     assert "FELL BACK" not in capsys.readouterr().err
 
 
