@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .flash import softmax_step
-from .utils import autotune, check_shape, check_tensor
+from .utils import autotune, check_shape, check_tensor, compute_dtype
 
 ATTN_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -96,7 +96,7 @@ def adapter_attention(qkv: torch.Tensor, num_heads: int, key_padding_mask: torch
 def reference_attention(qkv: torch.Tensor, num_heads: int, key_padding_mask: torch.Tensor | None = None):
     """Eager: what nn.MultiheadAttention computes between its in- and out-projection (fp32 inside)."""
     B, L, three_e = qkv.shape
-    q, k, v = qkv.float().view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.to(compute_dtype(qkv.dtype)).view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))

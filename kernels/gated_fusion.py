@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, check_shape, check_tensor
+from .utils import as_rows, check_shape, check_tensor, compute_dtype
 
 SUMMARY_BLOCK = 1024
 
@@ -144,15 +144,16 @@ def _warps(block: int) -> int:
 def reference_fusion(t, weight, bias, v=None, a=None, has_v=None, has_a=None):
     """Eager fp32 math of the gated fusion (see autoglm_fast/reference/fusion.py for the module)."""
     B, T, H = t.shape
-    zeros, no = t.new_zeros(B, H, dtype=torch.float32), torch.zeros(B, dtype=torch.bool, device=t.device)
+    c = compute_dtype(t.dtype)
+    zeros, no = t.new_zeros(B, H, dtype=c), torch.zeros(B, dtype=torch.bool, device=t.device)
     pv = no if v is None else (has_v if has_v is not None else ~no)
     pa = no if a is None else (has_a if has_a is not None else ~no)
-    v32 = zeros if v is None else torch.where(pv[:, None], v.float(), 0.0)
-    a32 = zeros if a is None else torch.where(pa[:, None], a.float(), 0.0)
-    x = torch.cat([v32[:, None].expand(B, T, H), a32[:, None].expand(B, T, H), t.float()], -1)
-    g = torch.sigmoid(x @ weight.float().T + bias.float())
-    g = g * torch.stack([pv, pa, ~no], -1)[:, None].float()
-    return (g[..., :1] * v32[:, None] + g[..., 1:2] * a32[:, None] + g[..., 2:] * t.float()).to(t.dtype)
+    v32 = zeros if v is None else torch.where(pv[:, None], v.to(c), 0.0)
+    a32 = zeros if a is None else torch.where(pa[:, None], a.to(c), 0.0)
+    x = torch.cat([v32[:, None].expand(B, T, H), a32[:, None].expand(B, T, H), t.to(c)], -1)
+    g = torch.sigmoid(x @ weight.to(c).T + bias.to(c))
+    g = g * torch.stack([pv, pa, ~no], -1)[:, None].to(c)
+    return (g[..., :1] * v32[:, None] + g[..., 1:2] * a32[:, None] + g[..., 2:] * t.to(c)).to(t.dtype)
 
 
 def compile_specs():

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import as_rows, autotune, check_shape, check_tensor
+from .utils import as_rows, autotune, check_shape, check_tensor, compute_dtype
 
 NONE, GELU, RESIDUAL, LAYERNORM = 0, 1, 2, 3
 EPILOGUES = {"none": NONE, "gelu": GELU, "residual": RESIDUAL, "layernorm": LAYERNORM}
@@ -168,13 +168,14 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def reference_linear(x, weight, bias=None, *, epilogue="none", residual=None, ln_weight=None, ln_bias=None,
                      eps=1e-5):
     """Eager PyTorch of `fused_linear`, computed in fp32 and cast back like the kernel."""
-    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    c = compute_dtype(x.dtype)
+    y = torch.nn.functional.linear(x.to(c), weight.to(c), None if bias is None else bias.to(c))
     if epilogue == "gelu":
         y = torch.nn.functional.gelu(y)
     elif epilogue == "residual":
-        y = y + residual.float()
+        y = y + residual.to(c)
     elif epilogue == "layernorm":
-        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), ln_weight.float(), ln_bias.float(), eps)
+        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), ln_weight.to(c), ln_bias.to(c), eps)
     return y.to(x.dtype)
 
 

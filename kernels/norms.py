@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import as_rows, check_shape, check_tensor
+from .utils import as_rows, check_shape, check_tensor, compute_dtype
 
 SWIGLU_BLOCK = 1024
 
@@ -112,7 +112,7 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 def reference_rms_norm(x, weight, eps, residual=None):
     """Eager RMSNorm of autoglm_fast/reference/glm.py, after the decoder layer's `residual + h` add."""
     s = x if residual is None else residual + x
-    x32 = s.float()
+    x32 = s.to(compute_dtype(s.dtype))
     y = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
     return y if residual is None else (y, s)
 

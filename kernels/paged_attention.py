@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .flash import softmax_step
-from .utils import autotune, check_shape, check_tensor
+from .utils import autotune, check_shape, check_tensor, compute_dtype
 
 # At head_dim 128 none spills on sm_80/89/90 when compiled as launched (pointers and strides divisible by 16);
 # 64x64 with 4 warps did (stack frame on sm_89). The first is the interpreter's.
@@ -311,22 +311,24 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, max_seq_le
 
 
 def reference_paged_attention(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale=None):
-    """Eager: gather each sequence's keys from its pages, causal softmax in fp32, GQA by repeat_interleave."""
+    """Eager: gather each sequence's keys from its pages, causal softmax in fp32 (fp64 for fp64 q), each KV head
+    shared by its group of query heads."""
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_pool.shape[1], k_pool.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    c = compute_dtype(q.dtype)
+    out = torch.empty(q.shape, dtype=c, device=q.device)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for s, seq_len in enumerate(lens):
         a, b = starts[s], starts[s + 1]
         pos = torch.arange(seq_len, device=q.device)
         pages = block_tables[s, pos // block_size].long()
-        k = k_pool[pages, pos % block_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v_pool[pages, pos % block_size].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
-        scores = torch.einsum("nhd,khd->hnk", q[a:b].float(), k) * scale
+        k, v = k_pool[pages, pos % block_size].to(c), v_pool[pages, pos % block_size].to(c)  # [keys, kv, d]
+        qg = q[a:b].to(c).unflatten(1, (num_kv_heads, -1))  # query head h reads KV head h // group
+        scores = torch.einsum("ngzd,kgd->gznk", qg, k) * scale
         q_pos = seq_len - (b - a) + torch.arange(b - a, device=q.device)
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[a:b] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), v)
+        scores = scores.masked_fill(pos > q_pos[:, None], float("-inf"))
+        out[a:b] = torch.einsum("gznk,kgd->ngzd", scores.softmax(-1), v).flatten(1, 2)
     return out.to(q.dtype)
 
 

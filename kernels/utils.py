@@ -1,6 +1,7 @@
 """Shared pieces of every launcher: where kernels can run, interpreter-aware autotuning, input checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -20,8 +21,35 @@ def device_supported(device: torch.device | str) -> bool:
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    """`triton.autotune` that keeps one config in the interpreter (several configs fail there)."""
-    return triton.autotune(configs[:1] if interpreting() else configs, key=key, **kwargs)
+    """`triton.autotune` that keeps one config in the interpreter (several configs fail there).
+
+    The full list stays on the autotuner as `all_configs`, so tests can run each one (`forced_config`).
+    """
+    def wrap(fn):
+        tuner = triton.autotune(configs[:1] if interpreting() else configs, key=key, **kwargs)(fn)
+        tuner.all_configs = list(configs)
+        return tuner
+    return wrap
+
+
+@contextlib.contextmanager
+def forced_config(tuner: triton.runtime.Autotuner, config: triton.Config):
+    """Launch `tuner`'s kernel with exactly `config` inside the block: a one-config autotuner runs it
+    without benchmarking, so every shipped config can be tested, not only the one that wins."""
+    if config not in tuner.all_configs:
+        raise ValueError(f"config {config} is not one of the kernel's configs")
+    saved = tuner.configs, tuner.cache
+    tuner.configs, tuner.cache = [config], {}
+    try:
+        yield
+    finally:
+        tuner.configs, tuner.cache = saved
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the eager references compute in: fp32 for 16-bit inputs, fp64 for fp64 ones (the exact answer
+    the tests judge every result by)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES,

@@ -4,7 +4,7 @@ import torch
 
 from autoglm_fast.kernels.gated_fusion import gated_fusion, reference_fusion
 from autoglm_fast.reference.fusion import GatedFusion
-from kernel_harness import ALL_DTYPES, DEVICE, assert_close, nan_like, odd_sizes, randn, requires_kernels
+from kernel_harness import ALL_DTYPES, DEVICE, assert_matches, nan_like, odd_sizes, randn, requires_kernels
 
 pytestmark = requires_kernels
 
@@ -27,7 +27,7 @@ def test_matches_reference(dtype, T, B, H, media):
     out = nan_like((B, T, H), dtype)
     got = gated_fusion(t, w, b, out=out, **kw)
     assert got is out
-    assert_close(got, reference_fusion(t, w, b, **kw), dtype, reduction=3 * H)
+    assert_matches(got, reference_fusion, t, w, b, **kw)
 
 
 def test_matches_reference_module():
@@ -37,7 +37,7 @@ def test_matches_reference_module():
         module.gate.weight.copy_(w)
         module.gate.bias.copy_(b)
         has_v = torch.tensor([True, False], device=DEVICE)
-        assert_close(gated_fusion(t, w, b, v, a, has_v=has_v), module(t, v, a, has_v=has_v), torch.float32, 216)
+        assert_matches(gated_fusion(t, w, b, v, a, has_v=has_v), module, t, v, a, has_v=has_v)
 
 
 def test_absent_modality_is_exactly_zero_even_for_garbage_vectors():
@@ -45,14 +45,6 @@ def test_absent_modality_is_exactly_zero_even_for_garbage_vectors():
     garbage = torch.full_like(v, float("nan"))
     no = torch.zeros(2, dtype=torch.bool, device=DEVICE)
     assert torch.equal(gated_fusion(t, w, b, garbage, garbage, has_v=no, has_a=no), gated_fusion(t, w, b))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B, T", [(1, 1), (32, 1), (1, 4096)])
-def test_real_shapes(dtype, B, T):
-    t, w, b, v, a = _inputs(B, T, 3584, dtype)
-    assert_close(gated_fusion(t, w, b, v, a), reference_fusion(t, w, b, v, a), dtype, reduction=3 * 3584)
 
 
 def test_bad_inputs_name_the_argument():

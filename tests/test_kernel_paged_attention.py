@@ -4,86 +4,21 @@ no step wrote filled with NaN, so a wrong page, slot or key range shows up as a 
 import pytest
 import torch
 
-from autoglm_fast.config import TextConfig
 from autoglm_fast.kernels.paged_attention import (MAX_SPLITS, decode_num_splits, paged_decode_attention,
                                                   paged_prefill_attention, reference_paged_attention)
-from autoglm_fast.paged_cache import PagedKVCache
-from kernel_harness import DEVICE, DOT_DTYPES, assert_close, nan_like, randn, requires_kernels
+from kernel_harness import DOT_DTYPES, assert_matches, assert_within, nan_like, reference_pair, requires_kernels
+from paged_helpers import GLM, SMALL, cache_args, chunk_step, decode_case, make_cache, queries, run_decode
 
 pytestmark = requires_kernels
-
-SMALL = (6, 2, 12)  # the nano model: 6 query heads, 2 KV heads (group 3), head_dim 12
-GLM = (28, 2, 128)  # the real backbone: group 14
-
-
-def make_cache(heads, kv_heads, head_dim, block_size, dtype, num_blocks=64):
-    cfg = TextConfig(vocab_size=8, hidden_size=heads * head_dim, intermediate_size=8, num_hidden_layers=1,
-                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
-    cache = PagedKVCache(cfg, num_blocks, block_size, dtype, DEVICE)
-    cache.k_pools[0].fill_(float("nan"))
-    cache.v_pools[0].fill_(float("nan"))
-    # Free one-page sequences in a shuffled order: later pages come off the stack non-contiguous, non-monotonic.
-    fillers = [("filler", i) for i in range(num_blocks)]
-    cache.step(fillers, [1] * num_blocks)
-    for i in torch.randperm(num_blocks, generator=torch.Generator().manual_seed(block_size)).tolist():
-        cache.free(fillers[i])
-    return cache
-
-
-def append(cache, seq_ids, counts):
-    """One step: reserve pages and write random K/V for the new tokens through slot_mapping."""
-    meta = cache.step(seq_ids, counts)
-    dtype, (_, _, kv_heads, head_dim) = cache.k_pools[0].dtype, cache.k_pools[0].shape
-    for pool in (cache.k_pools[0], cache.v_pools[0]):
-        pool.view(-1, kv_heads, head_dim)[meta.slot_mapping] = randn(len(meta.slot_mapping), kv_heads, head_dim,
-                                                                     dtype=dtype)
-    return meta
-
-
-def chunk_step(cache, cached, new):
-    """Sequence i has cached[i] tokens from earlier steps (0: none) and new[i] tokens this step."""
-    earlier = [(i, c) for i, c in enumerate(cached) if c]
-    if earlier:
-        append(cache, [i for i, _ in earlier], [c for _, c in earlier])
-    return append(cache, list(range(len(new))), list(new))
-
-
-def queries(tokens, heads, kv_heads, head_dim, dtype):
-    """q as the projection output hands it over: a row-strided view of the fused qkv rows."""
-    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
-    return qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
 
 
 def run_prefill(cache, meta, shape, dtype):
     q = queries(meta.query_start_loc[-1].item(), *shape, dtype)
-    kp, vp = cache.k_pools[0], cache.v_pools[0]
     out = nan_like(q.shape, dtype)
-    got = paged_prefill_attention(q, kp, vp, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                  meta.max_query_len, out=out, max_seq_len=meta.max_seq_len)
+    got = paged_prefill_attention(q, *cache_args(cache, meta), meta.max_query_len, out=out,
+                                  max_seq_len=meta.max_seq_len)
     assert got is out
-    ref = reference_paged_attention(q, kp, vp, meta.block_tables, meta.seq_lens, meta.query_start_loc)
-    assert_close(got, ref, dtype, reduction=meta.max_seq_len)
-
-
-def decode_case(shape, block_size, dtype, lens):
-    """Cache holding lens[i] - 1 earlier tokens per sequence plus this step's one token; returns (q, meta, cache)."""
-    cache = make_cache(*shape, block_size, dtype)
-    meta = chunk_step(cache, [n - 1 for n in lens], [1] * len(lens))
-    assert meta.is_decode
-    return queries(len(lens), *shape, dtype), meta, cache
-
-
-def run_decode(q, meta, cache, num_splits=None):
-    out = nan_like(q.shape, q.dtype)
-    got = paged_decode_attention(q, cache.k_pools[0], cache.v_pools[0], meta.block_tables, meta.seq_lens,
-                                 meta.max_seq_len, num_splits=num_splits, out=out)
-    assert got is out
-    return got
-
-
-def reference_decode(q, meta, cache):
-    return reference_paged_attention(q, cache.k_pools[0], cache.v_pools[0], meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc)
+    assert_matches(got, reference_paged_attention, q, *cache_args(cache, meta))
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
@@ -111,7 +46,7 @@ def test_chunked_prefill_on_cached_prefix(dtype, block_size):
 def test_decode_matches_reference(dtype, block_size, lens):
     torch.manual_seed(sum(lens))
     q, meta, cache = decode_case(SMALL, block_size, dtype, lens)
-    assert_close(run_decode(q, meta, cache), reference_decode(q, meta, cache), dtype, reduction=max(lens))
+    assert_matches(run_decode(q, meta, cache), reference_paged_attention, q, *cache_args(cache, meta))
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
@@ -119,11 +54,9 @@ def test_decode_split_counts_agree(dtype):
     """1, 2, 3 and 5 splits (the short sequences leave trailing splits empty) give the same result."""
     torch.manual_seed(1)
     q, meta, cache = decode_case(SMALL, 16, dtype, [300, 17, 1, 129])
-    ref = reference_decode(q, meta, cache)
-    single = run_decode(q, meta, cache, num_splits=1)
-    assert_close(single, ref, dtype, reduction=300)
-    for n in (2, 3, 5):
-        assert_close(run_decode(q, meta, cache, num_splits=n), single, dtype, reduction=300)
+    exact, eager = reference_pair(reference_paged_attention, q, *cache_args(cache, meta))
+    for n in (1, 2, 3, 5):
+        assert_within(run_decode(q, meta, cache, num_splits=n), exact, eager)
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
@@ -133,8 +66,7 @@ def test_gqa_group_14_at_head_dim_128(dtype):
     cache = make_cache(*GLM, 32, dtype, num_blocks=16)
     run_prefill(cache, chunk_step(cache, [40], [5]), GLM, dtype)
     q, meta, cache = decode_case(GLM, 32, dtype, [70, 3])
-    ref = reference_decode(q, meta, cache)
-    assert_close(run_decode(q, meta, cache, num_splits=2), ref, dtype, reduction=70)
+    assert_matches(run_decode(q, meta, cache, num_splits=2), reference_paged_attention, q, *cache_args(cache, meta))
 
 
 def test_pools_are_read_through_their_strides():
@@ -145,11 +77,10 @@ def test_pools_are_read_through_their_strides():
     kp, vp = both[:, 0], both[:, 1]
     assert not kp.is_contiguous()
     got = paged_decode_attention(q, kp, vp, meta.block_tables, meta.seq_lens, meta.max_seq_len, num_splits=3)
-    assert_close(got, reference_decode(q, meta, cache), torch.float32, reduction=81)
-    qsl = meta.query_start_loc  # and an explicit softmax scale
-    got = paged_prefill_attention(q, kp, vp, meta.block_tables, meta.seq_lens, qsl, 1, scale=0.7)
-    ref = reference_paged_attention(q, kp, vp, meta.block_tables, meta.seq_lens, qsl, scale=0.7)
-    assert_close(got, ref, torch.float32, reduction=81)
+    args = (kp, vp, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    assert_matches(got, reference_paged_attention, q, *args)
+    got = paged_prefill_attention(q, *args, 1, scale=0.7)  # and an explicit softmax scale
+    assert_matches(got, reference_paged_attention, q, *args, scale=0.7)
 
 
 def test_split_heuristic():
@@ -199,27 +130,3 @@ def test_bad_inputs_name_the_argument():
         paged_decode_attention(q, kp, vp, bt, sl, 20, num_splits=0)
     with pytest.raises(ValueError, match="out must have shape"):
         paged_decode_attention(q, kp, vp, bt, sl, 20, out=torch.empty(2, 6, 11))
-
-
-# ---- real shapes, GPU only ------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("context", [4096, 32768])
-def test_decode_real_shapes(dtype, context):
-    torch.manual_seed(context)
-    lens = [context, context - 1000, 1, 33, context // 2, 700, context - 31, 5000 % context + 1]
-    cache = make_cache(*GLM, 32, dtype, num_blocks=sum(-(-n // 32) for n in lens) + 8)
-    meta = chunk_step(cache, [n - 1 for n in lens], [1] * len(lens))
-    q = queries(len(lens), *GLM, dtype)
-    ref = reference_decode(q, meta, cache)
-    assert_close(run_decode(q, meta, cache), ref, dtype, reduction=context)
-    assert_close(run_decode(q, meta, cache, num_splits=1), ref, dtype, reduction=context)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cached, new", [([0], [2048]), ([1536, 0], [512, 2048])])
-def test_prefill_real_shapes(dtype, cached, new):
-    torch.manual_seed(len(new))
-    cache = make_cache(*GLM, 32, dtype, num_blocks=160)
-    run_prefill(cache, chunk_step(cache, cached, new), GLM, dtype)

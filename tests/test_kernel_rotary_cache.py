@@ -7,7 +7,7 @@ import torch
 
 from autoglm_fast.kernels.rotary_cache import qkv_rope_cache_write, reference_qkv_rope_cache_write
 from autoglm_fast.reference.glm import RotaryEmbedding, apply_rotary, rotary_inv_freq
-from kernel_harness import ALL_DTYPES, DEVICE, assert_close, nan_like, randn, requires_kernels
+from kernel_harness import ALL_DTYPES, DEVICE, assert_within, nan_like, randn, reference_pair, requires_kernels
 
 pytestmark = requires_kernels
 
@@ -33,31 +33,28 @@ def _inputs(T, nh, nkv, D, dtype, block_size, num_blocks, seed=0):
     return qkv, bias, positions, slots, pools
 
 
-def _check_pool(got, ref, slots, dtype, reduction=1):
+def _check_pool(got, exact, eager, slots):
     bs = got.shape[1]
     written = torch.zeros(got.shape[:2], dtype=torch.bool, device=DEVICE)
     written[slots // bs, slots % bs] = True
     assert got[~written].isnan().all(), "a slot outside slot_mapping was written"
-    assert_close(got[written], ref[written], dtype, reduction)
+    assert_within(got[written], exact[written], eager[written])
 
 
-def _check(qkv, bias, positions, slots, inv_freq, pools, nh, nkv, D, dtype, q_out=None):
-    """Run the kernel; compare with the reference run in fp32 (one final rounding, dtype tolerance) and
-    with the reference in the model dtype, whose own roundings (bias add, cos/sin cast, each product)
-    add a few ulps of |x| ~ 4: atol 4 * rtol (reduction 16)."""
+def _check(qkv, bias, positions, slots, inv_freq, pools, nh, nkv, D, q_out=None, op=qkv_rope_cache_write):
+    """Run `op` (the kernel); judge q and both pools against the reference run in fp64 and in the dtype."""
     k_pool, v_pool = pools
-    refs = {}
-    for name, up in (("fp32", torch.float32), ("dtype", dtype)):
-        rk, rv = k_pool.to(up), v_pool.to(up)
-        rq = reference_qkv_rope_cache_write(qkv.to(up), None if bias is None else bias.to(up), positions, slots,
-                                            inv_freq, rk, rv, nh, nkv, D)
-        refs[name] = [t.to(dtype) for t in (rq, rk, rv)]
-    got = qkv_rope_cache_write(qkv, bias, positions, slots, inv_freq, k_pool, v_pool, nh, nkv, D, q_out=q_out)
-    for name, reduction in (("fp32", 1), ("dtype", 16)):
-        rq, rk, rv = refs[name]
-        assert_close(got, rq, dtype, reduction)
-        _check_pool(k_pool, rk, slots, dtype, reduction)
-        _check_pool(v_pool, rv, slots, dtype, reduction)
+
+    def reference(qkv, bias, inv_freq, k_pool, v_pool):
+        q = reference_qkv_rope_cache_write(qkv, bias, positions, slots, inv_freq, k_pool, v_pool, nh, nkv, D)
+        return q, k_pool, v_pool
+    # The reference writes into copies, always: a reference writing into the pools the kernel is judged by
+    # would hide a kernel that never writes them.
+    exact, eager = reference_pair(reference, qkv, bias, inv_freq, k_pool.clone(), v_pool.clone())
+    got = op(qkv, bias, positions, slots, inv_freq, k_pool, v_pool, nh, nkv, D, q_out=q_out)
+    assert_within(got, exact[0], eager[0])
+    _check_pool(k_pool, exact[1], eager[1], slots)
+    _check_pool(v_pool, exact[2], eager[2], slots)
     return got
 
 
@@ -69,7 +66,7 @@ def test_matches_reference(dtype, T, block_size, has_bias):
     qkv, bias, positions, slots, (k_pool, v_pool) = _inputs(T, nh, nkv, D, dtype, block_size, 5, seed=T)
     bias = bias if has_bias else None
     q_out = nan_like((T, nh, D), dtype)
-    got = _check(qkv, bias, positions, slots, _inv_freq(D), (k_pool, v_pool), nh, nkv, D, dtype, q_out)
+    got = _check(qkv, bias, positions, slots, _inv_freq(D), (k_pool, v_pool), nh, nkv, D, q_out)
     assert got is q_out
 
 
@@ -79,7 +76,24 @@ def test_real_head_layout(dtype):
     qkv, bias, positions, slots, (k_pool, v_pool) = _inputs(T, nh, nkv, D, dtype, 32, 3)
     # q_out with a head stride wider than head_dim: the kernel must use its strides.
     q_out = nan_like((T, nh, D + 4), dtype)[..., :D]
-    _check(qkv, bias, positions, slots, _inv_freq(D), (k_pool, v_pool), nh, nkv, D, dtype, q_out)
+    _check(qkv, bias, positions, slots, _inv_freq(D), (k_pool, v_pool), nh, nkv, D, q_out)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("skip", ["k", "v"])
+def test_check_fails_an_op_that_skips_a_pool(dtype, skip):
+    """The check itself: an op exact in q and one pool but never writing the other must fail it."""
+    nh, nkv, D, T = 6, 2, 12, 5
+    qkv, bias, positions, slots, pools = _inputs(T, nh, nkv, D, dtype, 16, 3)
+
+    def op(qkv, bias, positions, slots, inv_freq, k_pool, v_pool, *heads, q_out):
+        scratch = {"k": k_pool.clone(), "v": v_pool.clone()}
+        k, v = (scratch["k"] if skip == "k" else k_pool), (scratch["v"] if skip == "v" else v_pool)
+        q_out.copy_(reference_qkv_rope_cache_write(qkv, bias, positions, slots, inv_freq, k, v, *heads))
+        return q_out
+
+    with pytest.raises(AssertionError, match="NaN"):
+        _check(qkv, bias, positions, slots, _inv_freq(D), pools, nh, nkv, D, nan_like((T, nh, D), dtype), op)
 
 
 def test_matches_glm_rotary_fp32():
