@@ -1,19 +1,26 @@
 """The engine on the nano preset: continuous batching gives every request what it gets alone, on
 both backends; aborts and floods free every block; bad requests fail alone.
 
-The engines run in float32 on every device (fp16 is the CUDA default): exact greedy-token equality
-between backends and batchings assumes fp32-level agreement (the kernels' dots are IEEE fp32 on GPUs too)."""
+The engines run in float32 on every device (fp16 is the CUDA default). Greedy runs are compared token by
+token through their logprobs (tests/agreement.py): batchings and backends compute in different shapes, so
+the runs may part only at a near tie (two best tokens within NEAR_TIE), never at a clear choice."""
 import io
 
 import pytest
 import torch
 
 from autoglm_fast.demo import demo_image, demo_tone
+from agreement import assert_same_greedy
 from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
 from kernel_harness import requires_kernels
 
 SCHED = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=48, max_model_len=128)
-GREEDY = SamplingParams.greedy(max_tokens=5, ignore_eos=True)
+GREEDY = SamplingParams.greedy(max_tokens=5, ignore_eos=True, logprobs=2)
+NEAR_TIE = 1e-4  # logprob gap: ~100x fp32 rounding of the nano logits; the runs' real gaps are 4e-4 and up
+
+
+def _same(got, want):
+    assert_same_greedy(got, want, NEAR_TIE)
 
 
 def _engine(backend, **kw):
@@ -31,18 +38,18 @@ def _requests(engine):
 
 def _solo(backend):
     engine = _engine(backend)
-    return [engine.generate([r.pop("prompt")], GREEDY, **r)[0].token_ids for r in _requests(engine)]
+    return [engine.generate([r.pop("prompt")], GREEDY, **r)[0].logprobs for r in _requests(engine)]
 
 
 def _staggered(engine):
-    """Submit the four requests at different steps, as a server would."""
+    """Submit the four requests at different steps, as a server would; each one's per-token logprobs."""
     reqs, ids, tokens = _requests(engine), [], {}
     for step in range(200):
         if step % 2 == 0 and reqs:
             r = reqs.pop(0)
             ids.append(engine.add_request(r.pop("prompt"), GREEDY, **r))
         for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            tokens.setdefault(out.request_id, []).extend(out.logprobs or [])
         if not reqs and not engine.has_unfinished():
             break
     assert engine.cache.num_free_blocks == engine.cache.capacity  # every block came back
@@ -55,12 +62,12 @@ def reference_solo():
 
 
 def test_reference_batched_equals_each_request_alone(reference_solo):
-    assert _staggered(_engine("reference")) == reference_solo
+    _same(_staggered(_engine("reference")), reference_solo)
 
 
 @requires_kernels
 def test_fast_backend_matches_the_reference(reference_solo):
-    assert _staggered(_engine("fast")) == reference_solo
+    _same(_staggered(_engine("fast")), reference_solo)
 
 
 @requires_kernels
@@ -68,7 +75,7 @@ def test_decode_through_the_cuda_graph_buffers_matches(reference_solo):
     """The static, bucket-padded decode path that CUDA graphs replay (run eagerly without a GPU)."""
     engine = _engine("fast", cuda_graphs=True)
     assert engine.runner.graphs is not None and engine.cache.null_block is not None
-    assert _staggered(engine) == reference_solo  # decode batches of 1 and 2
+    _same(_staggered(engine), reference_solo)  # decode batches of 1 and 2
     state = engine.graph_state  # on CUDA the graphs were captured and replayed; elsewhere eager, and it says so
     if torch.cuda.is_available():
         assert state.status == "captured" and state.replays > 0 and 1 in state.buckets, state
@@ -81,16 +88,16 @@ PROMPTS = ["one", "two two", "three three three"]  # a decode batch of 3, padded
 
 @pytest.fixture(scope="module")
 def reference_three():
-    return [o.token_ids for o in _engine("reference").generate(PROMPTS, GREEDY)]
+    return _three(_engine("reference"))
 
 
 def _three(engine):
-    return [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    return [o.logprobs for o in engine.generate(PROMPTS, GREEDY)]
 
 
 @requires_kernels
 def test_cuda_graph_bucket_padding_matches(reference_three):
-    assert _three(_engine("fast", cuda_graphs=True)) == reference_three
+    _same(_three(_engine("fast", cuda_graphs=True)), reference_three)
 
 
 @pytest.mark.gpu
@@ -124,7 +131,7 @@ def test_a_failed_capture_falls_back_to_eager_decoding_and_says_so(reference_thr
 
     monkeypatch.setattr(graphs, "_capture", fail)
     with pytest.warns(RuntimeWarning, match="decoding eagerly"):
-        assert _three(engine) == reference_three  # the requests lose speed, never tokens
+        _same(_three(engine), reference_three)  # the requests lose speed, never tokens
     state = engine.graph_state
     assert state.status == "fallback" and "batch 4" in state.reason and "stream is capturing" in state.reason
     assert state.replays == 0 and state.buckets == ()
@@ -141,7 +148,7 @@ def test_replayed_decode_steps_are_counted(reference_three, monkeypatch):
         graphs.graphs[Bp] = (type("Graph", (), {"replay": lambda self: out.copy_(graphs._forward(Bp))})(), out)
 
     monkeypatch.setattr(graphs, "_capture", capture)
-    assert _three(engine) == reference_three
+    _same(_three(engine), reference_three)
     state = engine.graph_state
     assert state.status == "captured" and state.reason is None and state.buckets == (4,)
     assert state.replays == GREEDY.max_tokens - 1  # every decode step after the prefill
@@ -150,10 +157,11 @@ def test_replayed_decode_steps_are_counted(reference_three, monkeypatch):
 
 def test_flood_larger_than_the_pool_preempts_and_still_matches():
     prompts = [f"request {i} word" for i in range(5)]  # 14 tokens (2 pages of 8) growing into a 3rd page
-    solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in prompts]
+    solo = [_engine("reference").generate([p], GREEDY)[0].logprobs for p in prompts]
     small = _engine("reference", num_blocks=7, block_size=8)  # ~2 requests' worth of blocks
     outs = small.generate(prompts, GREEDY)
-    assert [o.token_ids for o in outs] == solo and all(o.finish_reason == "length" for o in outs)
+    _same([o.logprobs for o in outs], solo)
+    assert all(o.finish_reason == "length" for o in outs)
     assert small.scheduler.num_preemptions > 0 and small.cache.num_free_blocks == 7
 
 
@@ -243,7 +251,7 @@ def test_async_streams_run_concurrently_and_abort_from_another_task():
 
         async def collect(prompt, params):
             outs = [o async for o in aengine.stream(prompt, params)]
-            return sum((o.token_ids for o in outs), []), outs[-1]
+            return sum((o.logprobs or [] for o in outs), []), outs[-1]
 
         async def aborted():
             async for out in aengine.stream("to be cut", SamplingParams.greedy(max_tokens=100, ignore_eos=True)):
@@ -254,8 +262,9 @@ def test_async_streams_run_concurrently_and_abort_from_another_task():
         return engine, results
 
     engine, (first, second, third) = asyncio.run(main())
-    solo = [_engine("reference").generate([p], GREEDY)[0].token_ids for p in ("first", "second")]
-    assert [first[0], second[0]] == solo and first[1].finish_reason == "length" and third == "left early"
+    solo = [_engine("reference").generate([p], GREEDY)[0].logprobs for p in ("first", "second")]
+    _same([first[0], second[0]], solo)
+    assert first[1].finish_reason == "length" and third == "left early"
     assert engine.cache.num_free_blocks == engine.cache.capacity and not engine.requests
 
 

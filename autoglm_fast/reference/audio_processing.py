@@ -50,7 +50,8 @@ def log_mel_spectrogram(waveform: torch.Tensor, config: AudioConfig) -> torch.Te
     """Whisper log-mel of [T] or [B, T] waveforms -> [..., num_mel_bins, 2 * max_source_positions].
 
     Each clip is zero-padded / truncated to `config.chunk_samples`; the dynamic-range clamp (max - 8) is
-    per clip, so a batch gives exactly what each clip gives alone.
+    per clip, so a batch gives what each clip gives alone (to rounding: BLAS may
+    pick another kernel for the batched shape).
     """
     if waveform.dim() not in (1, 2):
         raise ValueError(f"audio waveform must be [T] or [B, T], got shape {tuple(waveform.shape)}")
