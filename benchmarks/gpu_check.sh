@@ -33,9 +33,9 @@ stage install
 status=0
 stage tests
 # Test files that need no optional extras (the image has no fastapi, maybe no transformers/Pillow).
-timeout 140 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py \
+timeout 140 "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests/test_kernel_*.py tests/test_real_shapes.py \
   tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py tests/test_engine.py \
-  tests/test_sampling.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1 || status=1
+  tests/test_engine_bf16.py tests/test_sampling.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest.log"
 
 BENCH=("$PY" -m autoglm_fast.benchmarks --shapes "${SHAPES:-real}")
