@@ -9,7 +9,9 @@ with the tools Triton ships, and counts the PTX instructions that decide speed (
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import multiprocessing
 import os
 import re
@@ -99,9 +101,10 @@ def specialize(spec, cc: int = 90, portable: bool = False) -> tuple[dict, dict, 
     Runs Triton's own launcher code (the argument binder and `_pack_args` of Triton 3.6-3.9); where
     that API is missing, `_specialize_arg`'s copy of its rules (the tests check the two agree)."""
     fn = _jit(spec.fn)
-    missing = set(fn.arg_names) - set(spec.args)
-    if missing:
-        raise ValueError(f"{spec.kernel}: compile spec lacks arguments {sorted(missing)}")
+    missing, unknown = set(fn.arg_names) - set(spec.args), set(spec.args) - set(fn.arg_names)
+    if missing or unknown:
+        raise ValueError(f"{spec.kernel} [{spec.label}]: compile spec lacks arguments {sorted(missing)}, "
+                         f"has unknown ones {sorted(unknown)}")
     if not portable:
         try:
             from triton.compiler import make_backend
@@ -159,6 +162,11 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def _spills_in(ptxas_log: str) -> int | None:
+    found = re.findall(r"(\d+) bytes spill stores", ptxas_log)
+    return sum(map(int, found)) if found else None
+
+
 def spill_bytes(ptx: str, cc: int) -> int | None:
     """Spill stores reported by `ptxas -v` for this PTX (None if ptxas can't tell).
 
@@ -176,8 +184,23 @@ def spill_bytes(ptx: str, cc: int) -> int | None:
             f.write(ptx)
         out = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True)
-    found = re.findall(r"(\d+) bytes spill stores", out.stdout + out.stderr)
-    return sum(map(int, found)) if out.returncode == 0 and found else None
+    return _spills_in(out.stdout + out.stderr) if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _ptxas_log():
+    """Have Triton print the log of its own `ptxas -v` run (TRITON_DUMP_PTXAS_LOG) and capture it:
+    no second ptxas run, and the flags Triton really uses. Empty when the kernel came from the cache."""
+    log, saved = io.StringIO(), os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    try:
+        with contextlib.redirect_stdout(log):
+            yield log
+    finally:
+        if saved is None:
+            del os.environ["TRITON_DUMP_PTXAS_LOG"]
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = saved
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -193,12 +216,15 @@ def compile_spec(spec, target: str) -> CompileResult:
     cc, limit = TARGETS[target]
     res = CompileResult(spec.kernel, spec.label, target, smem_limit=limit)
     try:
-        k = triton.compile(_ast_source(spec, cc), target=GPUTarget("cuda", cc, 32), options=spec.options)
+        with _ptxas_log() as log:
+            k = triton.compile(_ast_source(spec, cc), target=GPUTarget("cuda", cc, 32), options=spec.options)
     except Exception as e:  # compile failures are results too: report them per target
         res.errors.append(f"compile failed: {type(e).__name__}: {e}")
         return res
     usage = resource_usage(k.asm["cubin"])
-    spills = spill_bytes(k.asm["ptx"], cc)
+    spills = _spills_in(log.getvalue())
+    if spills is None:  # a cached kernel: run ptxas -v ourselves
+        spills = spill_bytes(k.asm["ptx"], cc)
     if spills is None:  # no usable ptxas: local memory is the conservative stand-in
         spills = usage.get("LOCAL", 0) + usage.get("STACK", 0)
     res.registers, res.spill_bytes = usage.get("REG", 0), spills

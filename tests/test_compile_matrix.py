@@ -90,6 +90,10 @@ def test_specs_name_every_argument():
     del spec.args["stride_y"]
     with pytest.raises(ValueError, match="stride_y"):
         cm.specialize(spec)
+    spec = _spec("swiglu")
+    spec.args["stride_z"] = 16
+    with pytest.raises(ValueError, match="stride_z"):
+        cm.specialize(spec)
 
 
 PTX = """
@@ -106,7 +110,7 @@ PTX = """
     cp.async.wait_group 0;
     cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r12], [%rd8, {%r13, %r14}], [%r15];
     cp.async.bulk.commit_group;
-    mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %f3, %f4, %f5, %f6 }, { %r1, %r2, %r3, %r4 }, { %r5, %r6 }, { %f3, %f4, %f5, %f6 };
+    mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 { %f3, %f4, %f5, %f6 }, { %r1, %r2, %r3, %r4 }, { %r5, %r6 }, {};
 """
 
 
