@@ -119,7 +119,8 @@ def _decode(context, num_splits=None):
         _plant_needles(cache, meta)
         q = queries(len(lens), *GLM, dtype)
         return Inputs(lambda: run_decode(q, meta, cache, num_splits), reference_paged_attention,
-                      (q, *cache_args(cache, meta)), dropped=lambda exact: _drop_last_key(q, cache, meta, exact.clone()))
+                      (q, *cache_args(cache, meta)),
+                      dropped=lambda exact: _drop_last_key(q, cache, meta, exact.clone()))
     return Case(f"decode context={context}" + (f" splits={num_splits}" if num_splits else ""), make)
 
 

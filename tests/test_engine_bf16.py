@@ -76,4 +76,5 @@ def test_bf16_engine_is_as_close_to_fp32_as_the_eager_bf16_forward(backend):
             if a["token_id"] != b["token_id"]:
                 break
             err = abs(a["logprob"] - b["logprob"])
-            assert err <= FACTOR * eager_err, f"request {r} step {step}: logprob off by {err:.3g}, eager {eager_err:.3g}"
+            assert err <= FACTOR * eager_err, \
+                f"request {r} step {step}: logprob off by {err:.3g}, eager {eager_err:.3g}"

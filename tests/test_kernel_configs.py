@@ -59,7 +59,8 @@ CASES = {linear_mod.linear_kernel: _linear, linear_mod.linear_layernorm_kernel: 
 
 
 def _autotuned_kernels():
-    mods = [importlib.import_module(f"autoglm_fast.kernels.{m.name}") for m in pkgutil.iter_modules(kernels_pkg.__path__)]
+    mods = [importlib.import_module(f"autoglm_fast.kernels.{m.name}")
+            for m in pkgutil.iter_modules(kernels_pkg.__path__)]
     return {obj for mod in mods for obj in vars(mod).values() if isinstance(obj, triton.runtime.Autotuner)}
 
 

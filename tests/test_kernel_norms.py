@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from autoglm_fast.kernels.norms import reference_rms_norm, reference_swiglu, rms_norm, swiglu
 from autoglm_fast.reference.glm import RMSNorm
-from kernel_harness import ALL_DTYPES, DEVICE, assert_matches, assert_within, nan_like, randn, reference_pair, requires_kernels
+from kernel_harness import (ALL_DTYPES, DEVICE, assert_matches, assert_within, nan_like, randn, reference_pair,
+                            requires_kernels)
 
 pytestmark = requires_kernels
 EPS = 1.5625e-7  # GLM's rms_norm_eps

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from live_server import MODEL, data_url, httpx, live, media_dir, openai_error, png_bytes, post, serve, user  # noqa: F401
+from live_server import (MODEL, data_url, httpx, live, media_dir, openai_error, png_bytes, post, serve,  # noqa: F401
+                         user)
 from autoglm_fast.server.cli import add_arguments
 
 
