@@ -7,6 +7,8 @@ Rows (`autoglm-fast bench --suite e2e`):
 - ttft: one image + 5 s of audio + 64 text tokens to the first generated token; the roofline counts
   the backbone's matmuls over the prompt (encoders left out, so it is a lower bound).
 - throughput b8 / b32: ms per generated token for that many requests at once (tokens/s in metrics).
+- decode b1 at 4k / 32k context (fast backend, graphed): ms per token once a prompt that long is in the
+  cache; the roofline adds the KV cache one step reads to the weights.
 Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset.
 Each row's `graphs` holds the CUDA-graph state the graphed engine reported after it ran ("captured", or
 "fallback" when capture failed and it decoded eagerly), never the setting that was asked for.
@@ -40,9 +42,9 @@ def _ttft(engine, request: dict, repeats: int, warmup: bool) -> tuple[float, int
     return 1e3 * statistics.median(times[int(warmup):]), prompt_tokens
 
 
-def _decode_ms(engine, params) -> tuple[float, float, float]:
+def _decode_ms(engine, params, prompt: str | list[int] = "benchmark") -> tuple[float, float, float]:
     """Median and 20/80 % step time once a single request is decoding."""
-    rid, steps = engine.add_request("benchmark", params), []
+    rid, steps = engine.add_request(prompt, params), []
     while engine.has_unfinished():
         sync()
         t = time.perf_counter()
@@ -72,6 +74,40 @@ def _request(engine) -> tuple[dict, str]:
         images, what = [], "5 s audio + 64 text (no Pillow: no image)"
     return dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=images,
                 audio=[demo_tone(engine.config, seconds=5.0)]), what
+
+
+def _long_context(rec: Recorder, preset: str, label: str, contexts, new_tokens: int) -> None:
+    """decode b1 with `ctx` tokens already cached: weights plus the whole KV cache read every step."""
+    from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
+
+    opts: Options = rec.opts
+    for ctx in contexts:
+        row = Row("e2e", "decode b1", f"{label}, {ctx // 1024 or ctx}{'k' if ctx >= 1024 else ''} context",
+                  opts.dtype_name, {}, timer="engine")
+        if not rec.selected(row.case, row.shape):
+            continue
+        engine = None
+        try:
+            sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=min(ctx, 8192),
+                                    max_model_len=ctx + new_tokens + 1)
+            engine = Engine.from_preset(preset, dtype=opts.dtype, device=opts.device, scheduler=sched,
+                                        backend="fast", cuda_graphs=True, load_vision=False, load_audio=False)
+            text = engine.config.text
+            kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * engine.dtype.itemsize
+            weights = engine.model.parameter_counts()["backbone"] - engine.model.model.embed_tokens.weight.numel()
+            row.bytes = weights * engine.dtype.itemsize + kv * (ctx + new_tokens // 2)
+            params = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
+            med, lo, hi = _decode_ms(engine, params, prompt=[7] * ctx)
+            row.ms["ours"], row.quantiles["ours"] = med, (lo, hi)
+            row.graphs["ours"] = engine.graph_state.status
+        except Exception as e:  # noqa: BLE001 - out of memory, say: record it, go on
+            row.errors.setdefault("ours", _why(e))
+        finally:
+            del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rec.record(row)
 
 
 def run(rec: Recorder) -> None:
@@ -144,3 +180,4 @@ def run(rec: Recorder) -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         emit()
+    _long_context(rec, preset, label, (64, 256) if small else (4096, 32768), new_tokens)
