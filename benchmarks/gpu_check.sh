@@ -23,7 +23,10 @@ start=$SECONDS
 stage() { echo "== $1 ($((SECONDS - start)) s in)" | tee -a "$OUT/stages.log"; }
 
 stage install
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# pyproject.toml names setuptools' own PEP 660 backend: offline, pip must not fall back to `setup.py develop`.
+"$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
+  || "$PY" -m pip install -q --no-build-isolation --no-deps . >>"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
