@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import softmax_step
+from .flash import eager_probs, softmax_step
 from .utils import autotune, check_shape, check_tensor, compute_dtype
 
 ATTN_CONFIGS = [
@@ -94,13 +94,14 @@ def adapter_attention(qkv: torch.Tensor, num_heads: int, key_padding_mask: torch
 
 
 def reference_attention(qkv: torch.Tensor, num_heads: int, key_padding_mask: torch.Tensor | None = None):
-    """Eager: what nn.MultiheadAttention computes between its in- and out-projection (fp32 inside)."""
+    """Eager: what nn.MultiheadAttention computes between its in- and out-projection (fp32 inside, the
+    probabilities rounded to the input dtype as eager attention rounds them)."""
     B, L, three_e = qkv.shape
     q, k, v = qkv.to(compute_dtype(qkv.dtype)).view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    o = scores.softmax(-1) @ v
+    o = eager_probs(scores, qkv.dtype) @ v
     return o.transpose(1, 2).reshape(B, L, -1).to(qkv.dtype)
 
 

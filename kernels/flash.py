@@ -1,6 +1,16 @@
-"""The online-softmax step shared by the flash-attention kernels (adapter and paged backbone)."""
+"""The online-softmax step shared by the flash-attention kernels (adapter and paged backbone), and the
+probabilities their eager references use."""
+import torch
 import triton
 import triton.language as tl
+
+
+def eager_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(scores) in the scores' (compute) dtype, rounded once to `dtype`, the inputs' dtype: eager
+    attention in fp16/bf16 feeds its P @ V matmul probabilities of that dtype, and so do these kernels
+    (`p.to(v.dtype)` below). The tests' "eager error" must include that rounding (FlashAttention's rule
+    compares against PyTorch run in the same dtype); for fp64 inputs nothing is rounded."""
+    return scores.softmax(-1).to(dtype).to(scores.dtype)
 
 
 @triton.jit

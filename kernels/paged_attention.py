@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import softmax_step
+from .flash import eager_probs, softmax_step
 from .utils import autotune, check_shape, check_tensor, compute_dtype
 
 # At head_dim 128 none spills on sm_80/89/90 when compiled as launched (pointers and strides divisible by 16);
@@ -311,8 +311,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, max_seq_le
 
 
 def reference_paged_attention(q, k_pool, v_pool, block_tables, seq_lens, query_start_loc, scale=None):
-    """Eager: gather each sequence's keys from its pages, causal softmax in fp32 (fp64 for fp64 q), each KV head
-    shared by its group of query heads."""
+    """Eager: gather each sequence's keys from its pages, causal softmax in fp32 (fp64 for fp64 q), the
+    probabilities rounded to q's dtype as eager attention rounds them, each KV head shared by its group of
+    query heads."""
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_pool.shape[1], k_pool.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -328,7 +329,7 @@ def reference_paged_attention(q, k_pool, v_pool, block_tables, seq_lens, query_s
         scores = torch.einsum("ngzd,kgd->gznk", qg, k) * scale
         q_pos = seq_len - (b - a) + torch.arange(b - a, device=q.device)
         scores = scores.masked_fill(pos > q_pos[:, None], float("-inf"))
-        out[a:b] = torch.einsum("gznk,kgd->ngzd", scores.softmax(-1), v).flatten(1, 2)
+        out[a:b] = torch.einsum("gznk,kgd->ngzd", eager_probs(scores, q.dtype), v).flatten(1, 2)
     return out.to(q.dtype)
 
 

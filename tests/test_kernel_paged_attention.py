@@ -129,4 +129,4 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="num_splits must be a positive int"):
         paged_decode_attention(q, kp, vp, bt, sl, 20, num_splits=0)
     with pytest.raises(ValueError, match="out must have shape"):
-        paged_decode_attention(q, kp, vp, bt, sl, 20, out=torch.empty(2, 6, 11))
+        paged_decode_attention(q, kp, vp, bt, sl, 20, out=torch.empty(2, 6, 11, device=q.device))
