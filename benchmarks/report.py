@@ -53,6 +53,9 @@ def merge(runs: list[dict]) -> dict:
                   commit=" + ".join(dict.fromkeys(run["commit"] for run in runs)))
     merged["options"] = dict(first["options"], suites=list(dict.fromkeys(s for run in runs
                                                                          for s in run["options"]["suites"])))
+    # Each part keeps its own options and ceilings (its rows' % roofline were computed against them).
+    merged["parts"] = [p for run in runs for p in run.get("parts") or
+                       [{k: run[k] for k in ("date", "commit", "options", "ceilings")}]]
     return merged
 
 
@@ -66,16 +69,22 @@ def _impls(rows: list[dict]) -> list[str]:
     return [i for i in BASELINES if i in seen] + others
 
 
-def header(run: dict) -> list[str]:
-    env, c = run["environment"], run["ceilings"]
+def _part_lines(part: dict, prefix: str) -> list[str]:
+    o, c = part["options"], part["ceilings"]
     peaks = ", ".join(f"{k} {_num(v, '.4g')}" for k, v in c["matmul_tflops"].items())
-    return [f"device **{env['device']}** · {run['date']} · commit `{run['commit']}` · torch {env['torch']} · "
-            f"triton {env['triton']} · CUDA {env.get('cuda') or '–'} · Python {env['python']}",
-            f"shapes `{run['options']['shapes']}` · dtype {run['options']['dtype']} · torch.compile mode "
-            f"`{run['options'].get('compile_mode') or 'none'}`",
-            f"ceilings measured at the start of the run: copy {_num(c['bandwidth_gbs'], '.4g')} GB/s; "
-            f"dense matmul {peaks} TFLOP/s"] + ([] if run.get("complete", True) else
-                                               ["**incomplete run**: it stopped before its last case"])
+    return [f"{prefix}shapes `{o['shapes']}` · dtype {o['dtype']} · torch.compile mode "
+            f"`{o.get('compile_mode') or 'none'}`",
+            f"{prefix}ceilings measured at the start of the run: copy {_num(c['bandwidth_gbs'], '.4g')} GB/s; "
+            f"dense matmul {peaks} TFLOP/s"]
+
+
+def header(run: dict) -> list[str]:
+    env, parts = run["environment"], run.get("parts") or [run]
+    lines = [f"device **{env['device']}** · {run['date']} · commit `{run['commit']}` · torch {env['torch']} · "
+             f"triton {env['triton']} · CUDA {env.get('cuda') or '–'} · Python {env['python']}"]
+    for part in parts:
+        lines += _part_lines(part, f"{', '.join(part['options']['suites'])}: " if len(parts) > 1 else "")
+    return lines + ([] if run.get("complete", True) else ["**incomplete run**: it stopped before its last case"])
 
 
 def markdown(run: dict) -> str:

@@ -99,7 +99,9 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    assert len(keys) == len(set(keys)) == 24  # 21 kernel rows + 3 e2e, none lost or doubled
+    assert len(keys) == len(set(keys)) == 26  # 21 kernel rows + 5 e2e, none lost or doubled
+    assert {r["shape"] for r in run["rows"] if r["case"] == "decode b1"} == {
+        f"nano {DTYPE}", f"nano {DTYPE}, 64 context", f"nano {DTYPE}, 256 context"}
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
         if r["suite"] == "kernels":  # every kernel row checked its output against eager on the same inputs
@@ -191,6 +193,11 @@ def test_saved_runs_merge_and_render_and_partial_runs_say_so(tmp_path):
     merged = report.merge([kernels, e2e])
     assert [r["case"] for r in merged["rows"]] == ["a", "b"] and merged["options"]["suites"] == ["kernels", "e2e"]
     assert not merged["complete"] and "incomplete run" in report.markdown(merged)
+    # each part's own compile mode and ceilings stay beside its suites (not the first part's for all)
+    e2e["options"]["compile_mode"] = "max-autotune-no-cudagraphs"
+    md = report.markdown(report.merge([kernels, e2e]))
+    assert f"kernels: shapes `real` · dtype float16 · torch.compile mode `{kernels['options']['compile_mode']}`" in md
+    assert "e2e: shapes `real` · dtype float16 · torch.compile mode `max-autotune-no-cudagraphs`" in md
     with pytest.raises(ValueError, match="cannot merge"):
         report.merge([kernels, _run([], device="GPU Y")])
     bad = Row("kernels", "x", "1", "float16", {"ours": float("nan")}, bytes=1).to_dict(CEIL)
