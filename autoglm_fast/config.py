@@ -45,6 +45,11 @@ class TextConfig:
     rms_norm_eps: float = 1.5625e-7
     attention_bias: bool = True
     max_position_embeddings: int = 32768
+    # GLM-4.1V (the released AutoGLM-Phone-9B): multimodal RoPE and sandwich norms. mrope_section splits
+    # the rotary_dim / 2 frequencies into runs driven by the temporal, height and width position rows.
+    mrope_section: tuple[int, ...] | None = None
+    # post_self_attn_layernorm / post_mlp_layernorm on each sublayer's output, before its residual add
+    sandwich_norms: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -59,10 +64,21 @@ class TextConfig:
                f"TextConfig: head_dim * partial_rotary_factor = {self.head_dim * self.partial_rotary_factor} "
                "must be an even integer (rotary works on pairs)")
         _check(self.rope_theta > 0 and self.rms_norm_eps > 0, "TextConfig: rope_theta and rms_norm_eps must be > 0")
+        if self.mrope_section is not None:
+            self.mrope_section = tuple(self.mrope_section)
+            _check(all(isinstance(n, int) and n > 0 for n in self.mrope_section)
+                   and sum(self.mrope_section) == self.rotary_dim // 2,
+                   f"TextConfig.mrope_section {self.mrope_section} must be positive ints summing to "
+                   f"rotary_dim / 2 = {self.rotary_dim // 2}")
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of position ids per token: 3 (t, h, w) under M-RoPE, else 1."""
+        return 1 if self.mrope_section is None else len(self.mrope_section)
 
     @property
     def kv_groups(self) -> int:
