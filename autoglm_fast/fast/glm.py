@@ -5,6 +5,7 @@
     FastRMSNorm        RMSNorm, optionally with the residual add fused: s = x + r; y = norm(s)
     FastGlmMLP         gate_up GEMM -> SwiGLU (one pass) -> down GEMM
     FastGlmDecoderLayer  the layer wiring, with the post-attention residual add fused into its norm
+                       (after the sandwich norm of the attention output, where the config has them)
 
 The attention kernels work on the paged KV cache (autoglm_fast/paged_cache.py). Without one (a
 plain full forward, or the reference's contiguous KVCache) FastGlmAttention runs the reference math.
@@ -92,9 +93,12 @@ class FastGlmAttention(FastModule, GlmAttention):
 class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        if self.post_self_attn_layernorm is not None:  # sandwich norms (GLM-4.1V): norm the output first
+            h = self.post_self_attn_layernorm(h)
         if isinstance(self.post_attention_layernorm, FastRMSNorm):
             h, x = self.post_attention_layernorm(h, residual=x)  # x = x + h and its norm, in one pass
         else:
             x = x + h
             h = self.post_attention_layernorm(x)
-        return x + self.mlp(h)
+        h = self.mlp(h)
+        return x + (h if self.post_mlp_layernorm is None else self.post_mlp_layernorm(h))

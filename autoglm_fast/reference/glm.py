@@ -34,17 +34,25 @@ def rotary_inv_freq(rotary_dim: int, theta: float, device: torch.device | str | 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for GLM's partial rotary: frequencies over `rotary_dim`, pairs interleaved."""
+    """cos/sin for GLM's partial rotary: frequencies over `rotary_dim`, pairs interleaved. Under M-RoPE
+    (GLM-4.1V) positions have a row per axis (t, h, w) and `mrope_section` says how many consecutive
+    frequencies each row drives."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
         self.rotary_dim, self.theta = config.rotary_dim, config.rope_theta
+        self.mrope_section = config.mrope_section
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [B, T] -> cos, sin [B, T, rotary_dim] in fp32, each frequency repeated for its pair."""
+        """positions [B, T] (or [rows, B, T] under M-RoPE) -> cos, sin [B, T, rotary_dim] in fp32, each
+        frequency repeated for its pair."""
         # inv_freq is computed on the fly (a few dozen values), not kept as a buffer, so it stays fp32
         # whatever dtype the model is cast to, and meta-device construction needs no re-init.
         freqs = positions[..., None].float() * rotary_inv_freq(self.rotary_dim, self.theta, positions.device)
+        if self.mrope_section is not None:
+            if positions.dim() == 2:  # text only: every axis at the same position
+                freqs = freqs.expand(len(self.mrope_section), *freqs.shape)
+            freqs = torch.cat([run[i] for i, run in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
         freqs = freqs.repeat_interleave(2, dim=-1)
         return freqs.cos(), freqs.sin()
 
@@ -138,11 +146,18 @@ class GlmDecoderLayer(nn.Module):
         self.mlp = GlmMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.sandwich_norms:  # GLM-4.1V: each sublayer's output is normed before its residual add
+            self.post_self_attn_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.post_self_attn_layernorm = self.post_mlp_layernorm = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        x = x + (h if self.post_self_attn_layernorm is None else self.post_self_attn_layernorm(h))
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h if self.post_mlp_layernorm is None else self.post_mlp_layernorm(h))
 
 
 class GlmModel(nn.Module):
@@ -155,8 +170,10 @@ class GlmModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, inputs_embeds: Tensor, positions: Tensor,
-                caches: list[KVCache] | None = None) -> Tensor:
-        cos, sin = self.rotary_emb(positions)
+                caches: list[KVCache] | None = None, rope_positions: Tensor | None = None) -> Tensor:
+        """positions [B, T]: each token's index in its sequence (cache slot, causal order).
+        rope_positions: what the rotary embedding sees when that differs (M-RoPE: [3, B, T])."""
+        cos, sin = self.rotary_emb(positions if rope_positions is None else rope_positions)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions, None if caches is None else caches[i])
