@@ -7,14 +7,21 @@ import sys
 
 
 def _info(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
-    from .config import AutoGLMPhoneConfig
-    from .reference.model import AutoGLMPhoneForCausalLM
-    config = AutoGLMPhoneConfig.preset(args.preset)
+    from .families import family_for_checkpoint, family_for_preset
+    if args.model:
+        family = family_for_checkpoint(args.model)
+        config, source = family.load_config(args.model), {"model": args.model}
+    else:
+        family = family_for_preset(args.preset)
+        config, source = family.preset(args.preset), {"preset": args.preset}
     with torch.device("meta"):  # counts without allocating 9 B parameters
-        counts = AutoGLMPhoneForCausalLM(config).parameter_counts()
-    print(json.dumps({"preset": args.preset, "parameters": counts, "config": config.to_dict()}, indent=2))
+        counts = family.model_cls(config).parameter_counts()
+    print(json.dumps({**source, "family": family.name, "parameters": counts,
+                      "config": dataclasses.asdict(config)}, indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -63,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     from .benchmarks.suite import add_arguments as add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=_bench)
-    p = sub.add_parser("info", help="print a preset's config and parameter counts")
-    p.add_argument("--preset", default="autoglm-phone-9b")
+    p = sub.add_parser("info", help="print a preset's or a checkpoint's config and parameter counts per part")
+    p.add_argument("--preset", default="autoglm-phone-9b", help="autoglm-phone-9b, nano, glm-4.1v-9b, glm4v-tiny")
+    p.add_argument("--model", metavar="DIR", help="a checkpoint directory (its config.json picks the family)")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:

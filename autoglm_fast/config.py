@@ -274,6 +274,10 @@ class AutoGLMPhoneConfig:
     def load(cls, path: str | Path) -> "AutoGLMPhoneConfig":
         return cls.from_json(Path(path).read_text())
 
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "AutoGLMPhoneConfig":
+        return cls.load(Path(directory) / "config.json")
+
 
 def _reject_unknown(cls: type, kwargs: dict[str, Any], where: str) -> None:
     known = {f.name for f in fields(cls)}

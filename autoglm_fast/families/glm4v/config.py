@@ -156,6 +156,8 @@ class Glm4vConfig:
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         return cls.from_hf(data, generation)
 
+    from_checkpoint = load
+
     def to_hf(self) -> dict[str, Any]:
         """config.json in transformers 5's layout (`text_config` with `rope_parameters`)."""
         t = self.text
