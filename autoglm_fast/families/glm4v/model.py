@@ -1,0 +1,133 @@
+"""GLM-4.1V in plain PyTorch: transformers' `Glm4vForConditionalGeneration`, math and parameter names.
+
+    image -> Glm4vVisionModel (ViT, 2D RoPE, 2x2 merge) -> one embedding per LLM image token, spliced
+    at the `<|image|>` placeholders -> GLM decoder with sandwich norms and M-RoPE -> lm_head
+
+The decoder is our GLM (`reference/glm.py`) with `TextConfig.mrope_section` and `sandwich_norms` on,
+so the fast GLM layers and the paged cache serve both families. Parameter names are transformers'
+(`model.visual.*`, `model.language_model.*`, `lm_head.*`), so a checkpoint directory loads as it ships.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ...reference.glm import GlmModel, KVCache, make_caches
+from .config import Glm4vConfig
+from .positions import mrope_positions
+from .vision import Glm4vVisionModel
+
+
+class Glm4vModel(nn.Module):
+    """transformers' `Glm4vModel` container: only its names matter here."""
+
+    def __init__(self, config: Glm4vConfig):
+        super().__init__()
+        self.visual = Glm4vVisionModel(config.vision)
+        self.language_model = GlmModel(config.text)
+
+
+class Glm4vForConditionalGeneration(nn.Module):
+    def __init__(self, config: Glm4vConfig):
+        super().__init__()
+        if not isinstance(config, Glm4vConfig):
+            raise TypeError(f"config must be a Glm4vConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = Glm4vModel(config)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    # ---- construction, weights -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Glm4vConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
+        """Seeded random weights, allocated once in `dtype` on `device`."""
+        from ...weights import materialize
+        with torch.device("meta"):
+            model = cls(config)
+        return materialize(model, dtype=dtype, device=device, seed=seed).eval()
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
+        """A transformers checkpoint directory (config.json, generation_config.json, safetensors)."""
+        from ...weights import _check_materialized, checkpoint_files, load_tensors
+        directory = Path(directory)
+        with torch.device("meta"):
+            model = cls(Glm4vConfig.load(directory))
+        expected = set(model.state_dict())
+        if model.config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        load_tensors(model, checkpoint_files(directory), hf_name, expected, dtype, device, str(directory))
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
+        _check_materialized(model)
+        return model.eval()
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Per part, as SPEC §6 counts them (the language model includes its embedding table)."""
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        counts = {"language_model": count(self.model.language_model), "vision": count(self.model.visual),
+                  "lm_head": 0 if self.config.tie_word_embeddings else self.lm_head.weight.numel()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def setup_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        return make_caches(self.config.text, batch_size, max_len, self.lm_head.weight)
+
+    # ---- inputs --------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
+        """Processed patches [sum t*h*w, patch_dim] -> [sum t*h*w / 4, hidden]: one row per image token."""
+        return self.model.visual(pixel_values.to(self.lm_head.weight.dtype), image_grid_thw)
+
+    def embed(self, input_ids: Tensor, image_embeds: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, T, H] with image rows written at the `<|image|>` placeholders, in order."""
+        embeds = self.model.language_model.embed_tokens(input_ids)
+        slots = input_ids == self.config.image_token_id
+        have = 0 if image_embeds is None else image_embeds.shape[0]
+        if int(slots.sum()) != have:
+            raise ValueError(f"input_ids hold {int(slots.sum())} image placeholder tokens but {have} image "
+                             "embeddings were given")
+        if have:
+            embeds[slots] = image_embeds.to(embeds.dtype)
+        return embeds
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
+                positions: Tensor | None = None, rope_positions: Tensor | None = None,
+                caches: list[KVCache] | None = None) -> Tensor:
+        """Logits [B, T, vocab]. A whole prompt: input_ids [1, T] (+ its images); the M-RoPE rows come
+        from `mrope_positions`. Later steps pass their own positions [B, T] and rope_positions [3, B, T]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw go together")
+        images = None if pixel_values is None else self.encode_images(pixel_values, image_grid_thw)
+        embeds = self.embed(input_ids, images)
+        B, T = input_ids.shape
+        if rope_positions is None:
+            if B != 1:
+                raise ValueError("pass rope_positions for a batch of prompts (their M-RoPE rows differ)")
+            rope_positions = mrope_positions(input_ids[0], image_grid_thw, self.config)[0][:, None].to(
+                input_ids.device)
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        hidden = self.model.language_model(embeds, positions, caches, rope_positions=rope_positions)
+        return self.lm_head(hidden)
+
+
+_OLD_LM = re.compile(r"^model\.(?!language_model\.|visual\.)")
+
+
+def hf_name(key: str) -> str | None:
+    """A checkpoint tensor name -> ours: transformers 5 names pass unchanged; 4.5x-era names
+    (`model.layers.*`, top-level `visual.*`) move under `model.language_model` / `model.visual`."""
+    if "rotary_emb" in key:
+        return None
+    if key.startswith("visual."):
+        return "model." + key
+    return _OLD_LM.sub("model.language_model.", key)
