@@ -29,6 +29,9 @@ class PagedAttentionMetadata:
     slot_mapping: torch.Tensor     # int64 [num_tokens] block * block_size + offset where its K/V go
     max_query_len: int
     max_seq_len: int
+    # M-RoPE (GLM-4.1V): int64 [3, num_tokens] (t, h, w) rotary positions, set by the engine; None: the
+    # rotary embedding uses `positions`
+    rope_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

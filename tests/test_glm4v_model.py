@@ -18,7 +18,8 @@ SPEC_COUNTS = {"language_model": 8_779_522_048, "lm_head": 620_756_992, "vision"
 
 
 def hf_config(cfg: Glm4vConfig):
-    return transformers.Glm4vConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")})
+    return transformers.Glm4vConfig(**{k: v for k, v in cfg.to_hf().items()
+                                       if k not in ("architectures", "model_type")})
 
 
 @pytest.fixture(scope="module")
