@@ -226,6 +226,13 @@ class AutoGLMPhoneConfig:
             _check(isinstance(tok, int) and 0 <= tok < vocab, f"AutoGLMPhoneConfig.eos_token_ids: {tok!r} not in vocab")
         _check(self.image_token_id != self.audio_token_id, "image_token_id and audio_token_id must differ")
 
+    def special_token_ids(self) -> dict[str, int]:
+        """The special tokens whose ids this config fixes (a checkpoint's tokenizer must agree)."""
+        return {"<|endoftext|>": self.eos_token_ids[0], "<|begin_of_image|>": self.image_start_token_id,
+                "<|end_of_image|>": self.image_end_token_id, "<|image|>": self.image_token_id,
+                "<|begin_of_audio|>": self.audio_start_token_id, "<|end_of_audio|>": self.audio_end_token_id,
+                "<|audio|>": self.audio_token_id, "<|pad|>": self.pad_token_id}
+
     def placeholder_block(self, kind: str, num_tokens: int) -> list[int]:
         """`<|begin_of_X|> <|X|>×num_tokens <|end_of_X|>`: where a medium's adapted tokens are spliced."""
         if kind == "image":

@@ -42,13 +42,9 @@ class TokenizerNotFoundError(ValueError):
     """A checkpoint directory with no tokenizer in it, and none named."""
 
 
-def config_token_ids(config: AutoGLMPhoneConfig) -> dict[str, int]:
-    """The special tokens whose ids the model config fixes."""
-    c = config
-    return {"<|endoftext|>": c.eos_token_ids[0], "<|begin_of_image|>": c.image_start_token_id,
-            "<|end_of_image|>": c.image_end_token_id, "<|image|>": c.image_token_id,
-            "<|begin_of_audio|>": c.audio_start_token_id, "<|end_of_audio|>": c.audio_end_token_id,
-            "<|audio|>": c.audio_token_id, "<|pad|>": c.pad_token_id}
+def config_token_ids(config) -> dict[str, int]:
+    """The special tokens whose ids the model config fixes (any family's config)."""
+    return config.special_token_ids()
 
 
 def _special_pattern(names: Iterable[str]) -> re.Pattern[str]:

@@ -1,7 +1,7 @@
 """Decode steps from captured CUDA graphs, at bucketed batch sizes (the gpt-fast / vLLM practice).
 
-A decode step's backbone forward reads only static buffers: token embeddings, positions, cache
-slots, block tables and context lengths, padded to the bucket. Padded rows point at a reserved
+A decode step's backbone forward reads only static buffers: token embeddings, positions (and the
+M-RoPE rows, for GLM-4.1V), cache slots, block tables and context lengths, padded to the bucket. Padded rows point at a reserved
 "null" page (they write their K/V there and attend to it alone), so they never touch a real
 sequence. The split-K decode kernel is launched for `max_model_len`, so its grid does not change
 from step to step; splits past a sequence's end exit at once. Everything that needs the host
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..families.runtime import FamilyRuntime
 from ..paged_cache import PagedAttentionMetadata, PagedKVCache
-from ..reference.model import AutoGLMPhoneForCausalLM
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
@@ -35,17 +35,19 @@ class GraphState:
 
 
 class DecodeGraphs:
-    def __init__(self, model: AutoGLMPhoneForCausalLM, cache: PagedKVCache, max_model_len: int,
+    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, max_model_len: int,
                  max_batch: int, capture: bool | None = None):
-        self.model, self.cache, self.max_model_len = model, cache, max_model_len
+        self.runtime, self.cache, self.max_model_len = runtime, cache, max_model_len
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.capture = torch.cuda.is_available() if capture is None else capture
         self.null_block = cache.reserve_null_block()
         bs, dev, B = cache.block_size, cache.device, self.buckets[-1]
         width = -(-max_model_len // bs)
-        H = model.config.text.hidden_size
-        self.embeds = torch.zeros(1, B, H, dtype=model.lm_head.weight.dtype, device=dev)
+        H = runtime.text.hidden_size
+        self.embeds = torch.zeros(1, B, H, dtype=runtime.lm_head.weight.dtype, device=dev)
         self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
+        rows = runtime.text.position_rows
+        self.rope = torch.zeros(rows, B, dtype=torch.int64, device=dev) if rows > 1 else None
         self.slots = torch.zeros(B, dtype=torch.int64, device=dev)
         self.tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(B, dtype=torch.int32, device=dev)
@@ -78,6 +80,9 @@ class DecodeGraphs:
         self.embeds[0, B:Bp].zero_()
         self.positions[:B].copy_(meta.positions)
         self.positions[B:Bp] = 0
+        if self.rope is not None:
+            self.rope[:, :B].copy_(meta.rope_positions)
+            self.rope[:, B:Bp] = 0
         self.slots[:B].copy_(meta.slot_mapping)
         self.slots[B:Bp] = null * self.cache.block_size
         self.tables.fill_(null)
@@ -88,9 +93,12 @@ class DecodeGraphs:
         return hidden[0, :B]
 
     def _forward(self, Bp: int) -> torch.Tensor:
+        rope = None if self.rope is None else self.rope[:, :Bp]
         meta = PagedAttentionMetadata(self.tables[:Bp], self.lens[:Bp], self.loc[:Bp + 1], self.positions[:Bp],
-                                      self.slots[:Bp], max_query_len=1, max_seq_len=self.max_model_len)
-        return self.model.model(self.embeds[:, :Bp], self.positions[:Bp][None], self.cache.layer_caches(meta))
+                                      self.slots[:Bp], max_query_len=1, max_seq_len=self.max_model_len,
+                                      rope_positions=rope)
+        return self.runtime.backbone(self.embeds[:, :Bp], self.positions[:Bp][None], self.cache.layer_caches(meta),
+                                     rope_positions=None if rope is None else rope[:, None])
 
     def _replay(self, Bp: int) -> torch.Tensor:
         if Bp not in self.graphs:

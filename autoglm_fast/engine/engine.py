@@ -17,13 +17,9 @@ from typing import Iterator
 
 import torch
 
-from ..chat import render_chat
-from ..config import AutoGLMPhoneConfig
+from ..families import family_for_checkpoint, family_for_model, family_for_preset
 from ..kernels.utils import device_supported
 from ..paged_cache import PagedKVCache
-from ..reference.audio_processing import load_audio, preprocess_audio
-from ..reference.image_processing import load_image, preprocess_images
-from ..reference.model import AutoGLMPhoneForCausalLM
 from ..sampling import Sampler, SamplingParams, make_generator
 from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
 from .request import Request, RequestOutput, Status
@@ -32,12 +28,17 @@ from .scheduler import Scheduler, SchedulerConfig
 
 
 class Engine:
-    def __init__(self, model: AutoGLMPhoneForCausalLM, tokenizer: Tokenizer | str | None = None, *,
+    def __init__(self, model, tokenizer: Tokenizer | str | None = None, *,
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
-                 scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None):
-        """cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
+                 scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
+                 checkpoint: str | Path | None = None, **family_options):
+        """model: any family's model (families/__init__.py); its runtime is the engine's view of it.
+        cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
         True on a CPU runs the same static-buffer path eagerly (what the graphs would replay).
-        What decode actually got is `graph_state` ("captured", "fallback" with its reason, ...)."""
+        What decode actually got is `graph_state` ("captured", "fallback" with its reason, ...).
+        checkpoint, family_options: passed to the family's runtime (its processor files, e.g.
+        mm_processor_kwargs for GLM-4.1V)."""
+        self.runtime = family_for_model(model).runtime_cls(model, checkpoint, **family_options)
         param = model.lm_head.weight
         self.device, self.dtype = param.device, param.dtype
         backend = backend or ("fast" if device_supported(self.device) else "reference")
@@ -59,15 +60,14 @@ class Engine:
             graphs = None
             if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
                 from .cuda_graphs import DecodeGraphs
-                graphs = DecodeGraphs(model, self.cache, self.sched_config.max_model_len,
+                graphs = DecodeGraphs(self.runtime, self.cache, self.sched_config.max_model_len,
                                       self.sched_config.max_num_seqs, capture=self.device.type == "cuda")
-            self.runner = FastRunner(model, self.cache, graphs)
+            self.runner = FastRunner(self.runtime, self.cache, graphs)
         else:
-            self.runner = ReferenceRunner(model, self.cache, self.sched_config.max_model_len)
+            self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
-        # Media placeholders are input-only: a generated one would have no embedding to splice.
-        self._never_sample = [self.config.image_token_id, self.config.audio_token_id]
+        self._never_sample = self.runtime.never_sample
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -79,10 +79,11 @@ class Engine:
         """A preset with seeded random weights (benchmarks, tests, demos)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
-        model = AutoGLMPhoneForCausalLM.from_config(AutoGLMPhoneConfig.preset(name), seed=seed, dtype=dtype,
-                                                    device=device)
-        _drop_modalities(model, load_vision, load_audio)
-        return cls(model, **kwargs)
+        family = family_for_preset(name)
+        model = family.model_cls.from_config(family.preset(name), seed=seed, dtype=dtype, device=device)
+        engine = cls(model, **kwargs)
+        engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
+        return engine
 
     @classmethod
     def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None, device: str | None = None,
@@ -93,9 +94,10 @@ class Engine:
         if not isinstance(tokenizer, Tokenizer) and Path(directory).is_dir():
             tokenizer = find_tokenizer(directory, tokenizer)  # before the weights: fail fast
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoGLMPhoneForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
-        _drop_modalities(model, load_vision, load_audio)
-        return cls(model, load_tokenizer(directory, model.config, tokenizer), **kwargs)
+        model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device)
+        engine = cls(model, load_tokenizer(directory, model.config, tokenizer), checkpoint=directory, **kwargs)
+        engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
+        return engine
 
     def save_pretrained(self, directory, max_shard_size: int | str = "2GB") -> None:
         """The model's checkpoint plus this engine's tokenizer: `from_pretrained(directory)` needs no option."""
@@ -117,13 +119,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if (prompt is None) == (messages is None):
             raise ValueError("pass exactly one of prompt and messages")
-        images, clips = list(images), [self._waveform(c) for c in audio]
-        if messages is not None:
-            ids, images, clips = self._render(messages, enable_thinking)
-        elif isinstance(prompt, str):
-            ids = self._media_block(images, clips) + self.tokenizer.encode(prompt, allow_special=False)
-        else:
-            ids = [int(t) for t in prompt]
+        ids, media = self.runtime.prepare(self.tokenizer, prompt=prompt, messages=messages, images=images,
+                                          audio=audio, enable_thinking=enable_thinking)
         if not ids:
             raise ValueError("the prompt is empty")
         limit = self.sched_config.max_model_len
@@ -131,7 +128,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}")
         if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.capacity:
             raise ValueError(f"the prompt ({len(ids)} tokens) does not fit in the KV cache")
-        req = Request(request_id, ids, params, media=self._preprocess(images, clips))
+        req = Request(request_id, ids, params, media=media)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
         req.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -190,15 +187,9 @@ class Engine:
         return outputs
 
     def _admit(self, req: Request) -> bool:
-        """Encoders and adapters once per request, then splice + fuse the whole prompt."""
+        """The family's encoders once per request (a failure ends that request alone)."""
         try:
-            m, model = req.media, self.model
-            images = model.encode_images(m["pixel_values"].to(self.device)) if "pixel_values" in m else None
-            audio = (model.encode_audio(m["input_features"].to(self.device), m["num_samples"])
-                     if "input_features" in m else None)
-            ids = torch.tensor([req.prompt_ids], device=self.device)
-            embeds, req.context = model.embed(ids, images, audio)
-            req.prompt_embeds = embeds[0]
+            self.runtime.admit(req)
             return True
         except (ValueError, TypeError, RuntimeError) as e:
             req.finish("error", f"{type(e).__name__}: {e}")
@@ -263,52 +254,6 @@ class Engine:
         finally:
             self.abort(rid)  # a consumer that stops early frees the request
 
-    # ---- input preparation ----------------------------------------------------------------------------
-    def _render(self, messages, enable_thinking):
-        images, clips = [], []
-
-        def media_tokens(part):
-            kind = "image" if part.get("type") in ("image", "image_url") else "audio"
-            data = part.get(kind, part.get("image_url") or part.get("input_audio"))
-            if kind == "image":
-                images.append(data)
-                return self.config.vision.num_tokens
-            wave = self._waveform(data)
-            clips.append(wave)
-            return self.config.audio.num_tokens(min(len(wave), self.config.audio.chunk_samples))
-
-        chat = render_chat(messages, self.tokenizer, self.config, enable_thinking=enable_thinking,
-                           media_tokens=media_tokens)
-        return chat.token_ids, images, clips
-
-    def _media_block(self, images, clips) -> list[int]:
-        c, ids = self.config, []
-        for _ in images:
-            ids += c.placeholder_block("image", c.vision.num_tokens)
-        for clip in clips:
-            ids += c.placeholder_block("audio", c.audio.num_tokens(min(len(clip), c.audio.chunk_samples)))
-        return ids
-
-    def _waveform(self, clip) -> torch.Tensor:
-        """Mono samples at the model's rate: a 1-D array is taken as already at that rate, anything
-        else (WAV path or bytes) is decoded, down-mixed and resampled."""
-        rate = self.config.audio.sampling_rate
-        if isinstance(clip, torch.Tensor) or hasattr(clip, "__array__"):
-            return load_audio(clip, sampling_rate=rate, target_rate=rate)
-        return load_audio(clip, target_rate=rate)
-
-    def _preprocess(self, images, clips) -> dict:
-        media = {}
-        if images:
-            if self.model.vision_tower is None:
-                raise ValueError("this engine was built with load_vision=False: image inputs are not available")
-            media["pixel_values"] = preprocess_images([load_image(i) for i in images], self.config.vision)
-        if clips:
-            if self.model.audio_tower is None:
-                raise ValueError("this engine was built with load_audio=False: audio inputs are not available")
-            media["input_features"], media["num_samples"] = preprocess_audio(clips, self.config.audio)
-        return media
-
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
     """Index where the first stop string begins (searching from a little before `start`), or None."""
@@ -325,9 +270,6 @@ def _merge(total: RequestOutput, out: RequestOutput) -> None:
         total.logprobs = (total.logprobs or []) + out.logprobs
 
 
-def _drop_modalities(model: AutoGLMPhoneForCausalLM, load_vision: bool, load_audio: bool) -> None:
-    """Free the encoders a deployment does not want (the article's modular design)."""
-    if not load_vision:
-        model.vision_tower = model.vision_adapter = model.vision_connector = None
-    if not load_audio:
-        model.audio_tower = model.audio_adapter = model.audio_connector = None
+def _wanted(load_vision: bool, load_audio: bool) -> dict[str, bool]:
+    """drop_encoders' arguments: only what was turned off (a family without audio has nothing to drop)."""
+    return {k: False for k, keep in (("vision", load_vision), ("audio", load_audio)) if not keep}

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..reference.model import ModalContext
 from ..sampling import SamplingParams
 
 
@@ -43,7 +42,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0                        # tokens of prompt + output already in the KV cache
     prompt_embeds: torch.Tensor | None = None    # [T, H] after splicing and fusion (made once, at admission)
-    context: ModalContext | None = None          # the request's vision / audio summaries (batch of 1)
+    state: object = None                         # the family's per-request state (set at admission)
     generator: torch.Generator | None = None
     detokenizer: object = None
     text: str = ""                               # all text so far (stop strings are searched here)

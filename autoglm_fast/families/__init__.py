@@ -22,6 +22,7 @@ class Family:
     name: str
     config_class: str     # "module:Class" under autoglm_fast, imported on first use
     model_class: str
+    runtime_class: str    # the engine's view of the family (families/runtime.py)
     presets: tuple[str, ...]
     matches: Callable[[dict], bool]  # does this config.json belong to the family?
 
@@ -36,6 +37,10 @@ class Family:
     @property
     def model_cls(self):
         return self._load(self.model_class)
+
+    @property
+    def runtime_cls(self):
+        return self._load(self.runtime_class)
 
     def preset(self, name: str):
         return self.config_cls.preset(name)
@@ -54,9 +59,9 @@ def _is_autoglm_phone(cfg: dict) -> bool:
 
 FAMILIES = (
     Family("autoglm-phone", "..config:AutoGLMPhoneConfig", "..reference.model:AutoGLMPhoneForCausalLM",
-           ("autoglm-phone-9b", "nano"), _is_autoglm_phone),
+           ".autoglm_phone:AutoGLMPhoneRuntime", ("autoglm-phone-9b", "nano"), _is_autoglm_phone),
     Family("glm4v", ".glm4v.config:Glm4vConfig", ".glm4v.model:Glm4vForConditionalGeneration",
-           ("glm-4.1v-9b", "glm4v-tiny"), _is_glm4v),
+           ".glm4v.runtime:Glm4vRuntime", ("glm-4.1v-9b", "glm4v-tiny"), _is_glm4v),
 )
 
 
@@ -65,6 +70,14 @@ def family_for_preset(name: str) -> Family:
         if name in family.presets:
             return family
     raise ValueError(f"unknown preset {name!r}; choose from {sorted(p for f in FAMILIES for p in f.presets)}")
+
+
+def family_for_model(model) -> Family:
+    for family in FAMILIES:
+        if type(model) is family.model_cls:
+            return family
+    raise TypeError(f"no model family serves a {type(model).__name__}; "
+                    f"expected one of {[f.model_class.rpartition(':')[2] for f in FAMILIES]}")
 
 
 def family_for_checkpoint(directory: str | Path) -> Family:

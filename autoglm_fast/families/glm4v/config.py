@@ -89,6 +89,11 @@ class Glm4vConfig:
         _check(len(self.eos_token_ids) > 0 and all(0 <= t < vocab for t in self.eos_token_ids),
                f"Glm4vConfig.eos_token_ids {self.eos_token_ids} must be token ids below vocab_size={vocab}")
 
+    def special_token_ids(self) -> dict[str, int]:
+        """The special tokens whose ids this config fixes (a checkpoint's tokenizer must agree)."""
+        return {"<|endoftext|>": self.eos_token_ids[0], "<|begin_of_image|>": self.image_start_token_id,
+                "<|end_of_image|>": self.image_end_token_id, "<|image|>": self.image_token_id}
+
     @property
     def merge_unit(self) -> int:
         """Vision patches per LLM token (spatial_merge_size squared)."""

@@ -1,0 +1,85 @@
+"""What the engine, its runners and the CUDA graphs need from a model family: one small interface.
+
+    prepare(...)          request -> prompt token ids + preprocessed media (at add_request: bad input
+                          fails there, nothing is queued)
+    admit(req)            encoders once per request: req.prompt_embeds [T, H] and req.state
+    step_embeds(...)      a step's token embeddings, sequence after sequence
+    rope_positions(...)   M-RoPE rows for a step's tokens, or None when the decoder's rotary uses the
+                          plain positions
+    backbone, lm_head     the GLM decoder (paged cache, fast layers, graphs) and the output projection
+
+Everything else (scheduling, the paged cache, sampling, streaming) is the engine's and the same for
+every family.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TextConfig
+
+
+class FamilyRuntime(ABC):
+    def __init__(self, model: nn.Module, checkpoint: str | Path | None = None, **options):
+        """checkpoint: the directory the model came from (processor and template files), None for a preset.
+        options: family-specific request settings (e.g. mm_processor_kwargs); unknown ones are an error."""
+        if options:
+            raise ValueError(f"{type(self).__name__} takes no options {sorted(options)}")
+        self.model, self.checkpoint = model, checkpoint
+
+    # ---- what the decoder is ----------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text(self) -> TextConfig:
+        return self.model.config.text
+
+    @property
+    @abstractmethod
+    def backbone(self) -> nn.Module:
+        """The GLM decoder: backbone(embeds [1, N, H], positions [1, N], caches, rope_positions=)."""
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.backbone.embed_tokens
+
+    @property
+    def never_sample(self) -> list[int]:
+        """Ids that are input-only (media placeholders): a generated one would have nothing to splice."""
+        return []
+
+    def decode_weight_count(self) -> int:
+        """Parameters one decode step reads: the decoder and lm_head, one row of the embedding table aside."""
+        return (sum(p.numel() for p in self.backbone.parameters()) - self.embed_tokens.weight.numel()
+                + self.lm_head.weight.numel())
+
+    def drop_encoders(self, **keep: bool) -> None:
+        """Free encoders a deployment does not want (keyword per encoder, e.g. vision=False)."""
+        if any(not v for v in keep.values()):
+            raise ValueError(f"{type(self).__name__} cannot drop {[k for k, v in keep.items() if not v]}")
+
+    # ---- requests ---------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, tokenizer, *, prompt=None, messages=None, images=(), audio=(),
+                enable_thinking: bool = True) -> tuple[list[int], dict]:
+        """(prompt token ids with media placeholders expanded, preprocessed media)."""
+
+    @abstractmethod
+    def admit(self, req) -> None:
+        """Run the encoders once: set req.prompt_embeds [T, H] and req.state."""
+
+    @abstractmethod
+    def step_embeds(self, requests: list, num_tokens: list[int]) -> torch.Tensor:
+        """Embeddings [sum(num_tokens), H] of each request's next num_tokens[i] uncached tokens."""
+
+    def rope_positions(self, requests: list, num_tokens: list[int]) -> torch.Tensor | None:
+        return None
