@@ -99,9 +99,11 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    assert len(keys) == len(set(keys)) == 26  # 21 kernel rows + 5 e2e, none lost or doubled
+    assert len(keys) == len(set(keys)) == 29  # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows, none lost
+    assert {"agent step ttft", "agent step"} <= cases
     assert {r["shape"] for r in run["rows"] if r["case"] == "decode b1"} == {
-        f"nano {DTYPE}", f"nano {DTYPE}, 64 context", f"nano {DTYPE}, 256 context"}
+        f"nano {DTYPE}", f"nano {DTYPE}, 64 context", f"nano {DTYPE}, 256 context",
+        f"glm4v-tiny {'bfloat16' if ON_GPU else DTYPE}, agent step context"}  # the released model runs bf16
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
         if r["suite"] == "kernels":  # every kernel row checked its output against eager on the same inputs
