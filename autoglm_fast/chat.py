@@ -202,6 +202,35 @@ class ReasoningParser:
         return (rest, "") if self._state != "answer" else ("", "")
 
 
+class Glm45ReasoningParser:
+    """vLLM's `--reasoning-parser glm45` for a model that writes its own `<think>` (GLM-4.1V's prompt does
+    not open one): a reply that begins with `<think>` is reasoning until `</think>`, anything else is
+    content. Decided as soon as the first characters tell; then a ReasoningParser does the rest."""
+
+    def __init__(self):
+        self._buf, self._inner = "", None
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        if self._inner is None:
+            self._buf += delta
+            if len(self._buf) < len(THINK_OPEN) and THINK_OPEN.startswith(self._buf):
+                return "", ""
+            self._inner = ReasoningParser(thinking=self._buf.startswith(THINK_OPEN))
+            delta, self._buf = self._buf, ""
+        return self._inner.feed(delta)
+
+    def finish(self) -> tuple[str, str]:
+        if self._inner is None:  # a reply shorter than "<think>" that could still have been one
+            rest, self._buf = self._buf, ""
+            return "", rest
+        return self._inner.finish()
+
+
+def split_glm45(text: str) -> tuple[str, str]:
+    """Non-streaming twin of Glm45ReasoningParser: (reasoning, content)."""
+    return split_reasoning(text, True) if text.startswith(THINK_OPEN) else ("", text)
+
+
 def split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
     """Non-streaming twin of ReasoningParser: (reasoning, content) of a whole generation."""
     if not thinking:

@@ -24,6 +24,10 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
         return self.model.model
 
     @property
+    def prompt_opens_think(self) -> bool:
+        return True  # chat.render_chat ends the prompt with `<|assistant|>\n<think>`
+
+    @property
     def never_sample(self) -> list[int]:
         return [self.config.image_token_id, self.config.audio_token_id]
 

@@ -53,6 +53,12 @@ class FamilyRuntime(ABC):
         return self.backbone.embed_tokens
 
     @property
+    def prompt_opens_think(self) -> bool:
+        """True where the generation prompt itself opens `<think>` (the reply starts inside reasoning);
+        False where the model writes its own tags (GLM-4.1V), so its text is passed on as generated."""
+        return False
+
+    @property
     def never_sample(self) -> list[int]:
         """Ids that are input-only (media placeholders): a generated one would have nothing to splice."""
         return []

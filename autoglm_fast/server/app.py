@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import THINK_OPEN, ReasoningParser, split_reasoning
+from ..chat import THINK_OPEN, Glm45ReasoningParser, ReasoningParser, split_glm45, split_reasoning
 from ..engine import AsyncEngine, Engine
 from .limits import DEFAULT_MAX_BODY_BYTES, read_body
 from .metrics import Metrics
@@ -40,15 +40,20 @@ def _request_failed(out) -> APIError:
 class Server:
     def __init__(self, engine: Engine, served_model_name: str, api_key: str | None,
                  allowed_local_media_path: str | None, max_queued: int, max_images: int, reasoning_format: str,
-                 max_body_bytes: int):
+                 max_body_bytes: int, reasoning_parser: str | None = None):
         if reasoning_format not in ("separate", "inline"):
             raise ValueError(f"reasoning_format must be 'separate' or 'inline', got {reasoning_format!r}")
+        if reasoning_parser not in (None, "glm45"):
+            raise ValueError(f"reasoning_parser must be None or 'glm45', got {reasoning_parser!r}")
         if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be an int >= 1, got {max_body_bytes!r}")
         self.engine, self.aengine = engine, AsyncEngine(engine)
         self.model, self.api_key = served_model_name, api_key
         self.allowed, self.max_queued, self.max_images = allowed_local_media_path, max_queued, max_images
         self.inline, self.max_body_bytes = reasoning_format == "inline", max_body_bytes
+        # A model that writes its own <think> (GLM-4.1V): its text goes out as generated, unless the
+        # glm45 parser splits it (vLLM's flags); a prompt that opens <think> is split as before.
+        self.opens_think, self.reasoning_parser = engine.runtime.prompt_opens_think, reasoning_parser
         self.metrics, self.in_flight, self.created = Metrics(), 0, int(time.time())
         self._cleanups: set[asyncio.Task] = set()
 
@@ -124,7 +129,16 @@ class Server:
         return await self._complete(chat, rid, first, gen)
 
     def _thinking_shown_inline(self, chat: ChatRequest) -> bool:
-        return self.inline and chat.enable_thinking and chat.return_reasoning
+        return self.opens_think and self.inline and chat.enable_thinking and chat.return_reasoning
+
+    def _parser(self, chat: ChatRequest):
+        """(streaming parser or None for text as generated, whether reasoning goes out separately)."""
+        if not self.opens_think:
+            glm45 = self.reasoning_parser == "glm45"
+            return (Glm45ReasoningParser() if glm45 else None), glm45
+        if self._thinking_shown_inline(chat):
+            return None, False
+        return ReasoningParser(chat.enable_thinking), chat.return_reasoning and not self.inline
 
     async def _complete(self, chat: ChatRequest, rid: str, out, gen):
         text, logprobs = "", []
@@ -136,7 +150,10 @@ class Server:
             out = await gen.__anext__()
         if out.finish_reason == "error":
             raise _request_failed(out)
-        if self._thinking_shown_inline(chat):
+        if not self.opens_think:
+            message = ({"content": text} if self.reasoning_parser is None
+                       else message_fields(*split_glm45(text), return_reasoning=True))
+        elif self._thinking_shown_inline(chat):
             message = {"content": THINK_OPEN + text}
         else:
             reasoning, content = split_reasoning(text, chat.enable_thinking)
@@ -147,11 +164,10 @@ class Server:
                           usage(out.prompt_tokens, out.completion_tokens), lp)
 
     async def _stream(self, chat: ChatRequest, rid: str, out, gen):
-        parser = None if self._thinking_shown_inline(chat) else ReasoningParser(chat.enable_thinking)
-        separate = chat.return_reasoning and not self.inline
+        parser, separate = self._parser(chat)
         try:
             yield _sse(chunk(rid, self.model, {"role": "assistant", "content": ""}))
-            if parser is None and chat.enable_thinking:
+            if self._thinking_shown_inline(chat):
                 yield _sse(chunk(rid, self.model, {"content": THINK_OPEN}))
             while True:
                 if out.finish_reason == "error":
@@ -184,11 +200,13 @@ class Server:
 
 def create_app(engine: Engine, served_model_name: str = "autoglm-phone-9b", api_key: str | None = None,
                allowed_local_media_path: str | None = None, max_queued: int = 256, max_images: int = 8,
-               reasoning_format: str = "separate", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               reasoning_format: str = "separate", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               reasoning_parser: str | None = None) -> FastAPI:
     """max_queued: requests in flight (queued or running) beyond which new ones get 429; max_body_bytes:
-    request bodies larger than this get 413 before they are decoded."""
+    request bodies larger than this get 413 before they are decoded; reasoning_parser: "glm45" splits
+    `<think>` from a model that writes its own (vLLM's flag), None passes its text on as generated."""
     server = Server(engine, served_model_name, api_key, allowed_local_media_path, max_queued, max_images,
-                    reasoning_format, max_body_bytes)
+                    reasoning_format, max_body_bytes, reasoning_parser)
     app = FastAPI(title="autoglm-fast", version="0.1.0")
     app.state.server = server
 
