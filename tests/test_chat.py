@@ -161,3 +161,23 @@ def test_no_close_tag_is_all_reasoning():
     assert p.feed("<think>") == ("", "")
     assert p.feed("still going </") == ("still going ", "")
     assert p.finish() == ("</", "")
+
+
+@pytest.mark.parametrize("text", ["<think>look at the screen</think>\n<answer>do(action=\"Tap\")</answer>",
+                                  "do(action=\"Launch\", app=\"WeChat\")", "<thi", "<", "", "<think>unfinished",
+                                  "no think here </think> odd"])
+def test_glm45_parser_streams_what_the_split_gives(text):
+    """vLLM's glm45 rule for a model that writes its own tags: reasoning only when the reply opens <think>."""
+    from autoglm_fast.chat import Glm45ReasoningParser, split_glm45
+    want = split_glm45(text)
+    for step in (1, 2, 5):
+        parser, got = Glm45ReasoningParser(), ["", ""]
+        for i in range(0, len(text), step):
+            r, c = parser.feed(text[i:i + step])
+            got[0], got[1] = got[0] + r, got[1] + c
+        r, c = parser.finish()
+        assert (got[0] + r, got[1] + c) == want, (step, text)
+    if text.startswith("<think>look"):
+        assert want == ("look at the screen", "<answer>do(action=\"Tap\")</answer>")
+    if text.startswith("do("):
+        assert want == ("", text)
