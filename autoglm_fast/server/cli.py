@@ -138,6 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
     import uvicorn
 
     from ..engine import SchedulerConfig
@@ -145,13 +146,22 @@ def run(args: argparse.Namespace) -> None:
     from .app import create_app
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log = logging.getLogger("autoglm_fast.server")
+    for flag in getattr(args, "ignored_vllm_flags", None) or ():
+        log.warning("%s is a vLLM option with no effect here", flag)
     sched = SchedulerConfig(max_num_seqs=args.max_concurrency, max_model_len=args.max_model_len,
                             max_num_batched_tokens=max(2048, args.max_concurrency))
-    kw = dict(device=args.device, backend=args.backend, scheduler=sched)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: the checkpoint's (bf16 / fp16)
+    kw = dict(device=args.device, backend=args.backend, scheduler=sched, dtype=dtype)
+    # the family's request options, only where given (a family that has none says so)
+    if args.mm_processor_kwargs:
+        kw["mm_processor_kwargs"] = args.mm_processor_kwargs
+    if args.chat_template_content_format != "openai":
+        kw["content_format"] = args.chat_template_content_format
     engine = load_engine(args, **kw)
+    reasoning_parser = None if args.reasoning_parser in (None, "none") else args.reasoning_parser
     app = create_app(engine, args.served_model_name, args.api_key, args.allowed_local_media_path,
                      args.max_queued, args.max_images, args.reasoning_format,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, reasoning_parser=reasoning_parser)
     log.info("Model loaded successfully (%s backend on %s)", engine.backend, engine.device)
     sys.stderr.flush()
     uvicorn.run(app, host=args.host, port=args.port)
