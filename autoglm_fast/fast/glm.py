@@ -78,9 +78,17 @@ class FastGlmAttention(FastModule, GlmAttention):
         B, T, hidden = x.shape
         if B * T != meta.positions.shape[0]:
             raise ValueError(f"the step's metadata describes {meta.positions.shape[0]} tokens, the input has {B * T}")
+        # M-RoPE (GLM-4.1V): the rotary angles come from the step's (t, h, w) rows where the engine set them;
+        # without them every row equals `positions` (text), which the 1-row path computes as is.
+        rope = meta.rope_positions
+        if rope is not None and self.mrope_section is None:
+            raise ValueError("the step's metadata has rope_positions (M-RoPE) but the model's config has no "
+                             "mrope_section")
         qkv = F.linear(x.reshape(B * T, hidden), self.qkv_weight)  # the bias is added by the epilogue
-        q = qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions, meta.slot_mapping, self.inv_freq(x.device),
-                                 cache.k_pool, cache.v_pool, self.num_heads, self.num_kv_heads, self.head_dim)
+        q = qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
+                                 self.inv_freq(x.device), cache.k_pool, cache.v_pool, self.num_heads,
+                                 self.num_kv_heads, self.head_dim,
+                                 mrope_section=None if rope is None else self.mrope_section)
         if meta.is_decode:
             o = paged_decode_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
                                        meta.max_seq_len)
