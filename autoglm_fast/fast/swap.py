@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..families.glm4v.fast import FastGlm4vVisionAttention, FastGlm4vVisionBlock, FastGlm4VisionMlp
+from ..families.glm4v.vision import Glm4vVisionAttention, Glm4vVisionBlock, Glm4VisionMlp
 from ..kernels.utils import device_supported
 from ..reference.adapter import DualPathAdapter
 from ..reference.fusion import GatedFusion
@@ -19,6 +21,9 @@ FAST_MODULES: dict[type, type] = {
     DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
     GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention, GlmMLP: FastGlmMLP,
     RMSNorm: FastRMSNorm,
+    Glm4vVisionAttention: FastGlm4vVisionAttention,
+    Glm4VisionMlp: FastGlm4VisionMlp,
+    Glm4vVisionBlock: FastGlm4vVisionBlock,
 }
 
 

@@ -1,0 +1,96 @@
+"""Fast GLM-4.1V vision tower: drop-in twins of vision.py's block layers on Triton kernels.
+
+    FastGlm4vVisionAttention  qkv GEMM (cuBLAS) -> 2D RoPE on q, k in place (vision_rope_) -> varlen
+                              non-causal flash attention over the packed images (varlen_attention,
+                              the adapter's kernel) -> out-projection GEMM (cuBLAS)
+    FastGlm4VisionMlp         one gate|up GEMM -> SwiGLU (one pass, fp32 inside) -> down GEMM
+    FastGlm4vVisionBlock      the block wiring, with the post-attention residual add fused into norm2
+
+The blocks' RMSNorms are the text model's class (reference/glm.py), swapped to FastRMSNorm by the same
+table. Patch embedding, the position resample, downsample and merger run once per tower on 1/depth
+(or a quarter) of the work and stay eager.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import weakref
+
+if "autoglm_fast.fast" not in sys.modules:
+    # autoglm_fast.fast's swap table imports this module, so importing this one first would be a cycle: let
+    # that package import it (it runs this file to completion, and its copy is the one in sys.modules that
+    # importers get, as importlib supports); the rest of this run only repeats the definitions.
+    del sys.modules[__name__]
+    importlib.import_module("autoglm_fast.fast")
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...fast.base import FastModule
+from ...fast.glm import FastRMSNorm
+from ...kernels.adapter_attention import varlen_attention
+from ...kernels.norms import swiglu
+from ...kernels.vision_rope import vision_rope_
+from .vision import Glm4vVisionAttention, Glm4vVisionBlock, Glm4VisionMlp
+
+# (weakref to the last cu_seqlens, its version counter, its longest segment): every block of a tower call
+# gets the same cu_seqlens tensor, so the host sync that reads the longest segment happens once per call.
+_last_max_seqlen: tuple = (None, -1, 0)
+
+
+def max_seqlen(cu_seqlens: Tensor) -> int | None:
+    """The longest segment (a host sync, remembered for the same unmodified tensor); None for a single
+    segment, where the kernel's default grid bound (all rows) is exact without a sync."""
+    global _last_max_seqlen
+    if cu_seqlens.shape[0] <= 2:
+        return None
+    ref, version, value = _last_max_seqlen
+    if ref is None or ref() is not cu_seqlens or version != cu_seqlens._version:
+        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        _last_max_seqlen = (weakref.ref(cu_seqlens), cu_seqlens._version, value)
+    return value
+
+
+class FastGlm4vVisionAttention(FastModule, Glm4vVisionAttention):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        if not self.kernels_usable(x) or x.dim() != 2:
+            return Glm4vVisionAttention.forward(self, x, cos, sin, cu_seqlens)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # [N, 3E]: q | k | v, heads contiguous in each
+        vision_rope_(qkv, cos.float(), sin.float(), self.num_heads)  # the tower's tables are fp32 already
+        o = varlen_attention(qkv, self.num_heads, cu_seqlens.to(torch.int32), max_seqlen(cu_seqlens))
+        return F.linear(o, self.proj.weight, self.proj.bias)
+
+
+class FastGlm4VisionMlp(FastModule, Glm4VisionMlp):
+    @classmethod
+    def from_reference(cls, ref: Glm4VisionMlp) -> "FastGlm4VisionMlp":
+        """Fuse gate and up into one [2F, hidden] weight (gate first: swiglu's layout, silu(gate) * up);
+        gate_proj/up_proj keep their names as views into it, so the state dict is unchanged and no weight is
+        held twice. (Swap after moving the model to its device and dtype: a later .to() copies views apart.)"""
+        fast = super().from_reference(ref)
+        gate, up = fast.gate_proj, fast.up_proj
+        if gate.bias is not None or up.bias is not None:
+            raise ValueError("FastGlm4VisionMlp expects bias-free gate/up projections, as Glm4VisionMlp builds")
+        fused = torch.cat((gate.weight.detach(), up.weight.detach()))
+        f = gate.weight.shape[0]
+        gate.weight = torch.nn.Parameter(fused[:f], requires_grad=gate.weight.requires_grad)
+        up.weight = torch.nn.Parameter(fused[f:], requires_grad=up.weight.requires_grad)
+        fast.register_buffer("gate_up_weight", fused, persistent=False)
+        return fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.kernels_usable(x):
+            return Glm4VisionMlp.forward(self, x)
+        return F.linear(swiglu(F.linear(x, self.gate_up_weight)), self.down_proj.weight)
+
+
+class FastGlm4vVisionBlock(FastModule, Glm4vVisionBlock):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        h = self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        if isinstance(self.norm2, FastRMSNorm):
+            h, x = self.norm2(h, residual=x)  # x = x + h and its norm, in one pass
+        else:
+            x = x + h
+            h = self.norm2(x)
+        return x + self.mlp(h)
