@@ -28,7 +28,7 @@ def test_matrix_covers_every_kernel_and_target(results):
     kernels = {r.kernel for r in results}
     assert kernels == {"linear+gelu", "linear+residual", "linear+layernorm", "adapter_attention", "gated_fusion",
                        "fusion_summary", "rms_norm", "swiglu", "qkv_rope_cache", "paged_prefill_attention",
-                       "paged_decode_attention", "paged_decode_reduce"}
+                       "paged_decode_attention", "paged_decode_reduce", "vision_rope"}
     for k in kernels:
         assert {r.target for r in results if r.kernel == k} == set(TARGETS)
 

@@ -55,10 +55,20 @@ def _hf_generate(hf, directory, ids, images):
 CASES = {"text": [], "one image": [(112, 168)], "two images": [(168, 112), (112, 112)]}
 
 
-@pytest.mark.parametrize("backend", ["reference"])
-def test_greedy_equals_transformers_generate(checkpoint, backend):
+@pytest.mark.parametrize("backend,graphs", [("reference", False), ("fast", False), ("fast", True)],
+                         ids=["reference", "fast", "fast, graph buffers"])
+def test_greedy_equals_transformers_generate(checkpoint, backend, graphs):
+    """A mixed batch (text only, one image, two images) prefilled in 64-token chunks that split image runs;
+    the fast backend's kernels (M-RoPE in the cache-write epilogue, paged attention) on CPU run in
+    Triton's interpreter; "graph buffers" decodes through the CUDA-graph static buffers (eagerly on CPU)."""
+    if backend == "fast":
+        pytest.importorskip("triton")
+        from autoglm_fast.kernels.utils import device_supported
+        if not device_supported(torch.device("cpu")):
+            pytest.skip("the kernels need CUDA, or TRITON_INTERPRET=1 on a CPU")
     directory, hf = checkpoint
     engine = Engine.from_pretrained(directory, backend=backend, dtype=torch.float32, device="cpu",
+                                    cuda_graphs=graphs,
                                     scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
                                                               max_model_len=512))
     params = SamplingParams.greedy(max_tokens=NEW, ignore_eos=True, logprobs=0)

@@ -25,6 +25,10 @@ class Family:
     runtime_class: str    # the engine's view of the family (families/runtime.py)
     presets: tuple[str, ...]
     matches: Callable[[dict], bool]  # does this config.json belong to the family?
+    fast_modules: str | None = None  # "module:TABLE" of the family's own reference -> fast classes
+
+    def fast_table(self) -> dict:
+        return self._load(self.fast_modules) if self.fast_modules else {}
 
     def _load(self, path: str) -> Any:
         module, _, attr = path.partition(":")
@@ -61,7 +65,8 @@ FAMILIES = (
     Family("autoglm-phone", "..config:AutoGLMPhoneConfig", "..reference.model:AutoGLMPhoneForCausalLM",
            ".autoglm_phone:AutoGLMPhoneRuntime", ("autoglm-phone-9b", "nano"), _is_autoglm_phone),
     Family("glm4v", ".glm4v.config:Glm4vConfig", ".glm4v.model:Glm4vForConditionalGeneration",
-           ".glm4v.runtime:Glm4vRuntime", ("glm-4.1v-9b", "glm4v-tiny"), _is_glm4v),
+           ".glm4v.runtime:Glm4vRuntime", ("glm-4.1v-9b", "glm4v-tiny"), _is_glm4v,
+           fast_modules=".glm4v.fast:FAST_MODULES"),
 )
 
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..families.glm4v.fast import FastGlm4vVisionAttention, FastGlm4vVisionBlock, FastGlm4VisionMlp
-from ..families.glm4v.vision import Glm4vVisionAttention, Glm4vVisionBlock, Glm4VisionMlp
 from ..kernels.utils import device_supported
 from ..reference.adapter import DualPathAdapter
 from ..reference.fusion import GatedFusion
@@ -16,15 +14,22 @@ from .adapter import FastDualPathAdapter
 from .fusion import FastGatedFusion
 from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastRMSNorm
 
-# reference class -> fast class (exact types: a subclass may change the math).
+# reference class -> fast class (exact types: a subclass may change the math). The shared layers are
+# here; a family's own (e.g. GLM-4.1V's vision blocks) come from its `fast_modules` entry, read lazily.
 FAST_MODULES: dict[type, type] = {
     DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
     GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention, GlmMLP: FastGlmMLP,
     RMSNorm: FastRMSNorm,
-    Glm4vVisionAttention: FastGlm4vVisionAttention,
-    Glm4VisionMlp: FastGlm4VisionMlp,
-    Glm4vVisionBlock: FastGlm4vVisionBlock,
 }
+
+
+def fast_modules() -> dict[type, type]:
+    """Every swap: the shared table plus each model family's."""
+    from ..families import FAMILIES
+    table = dict(FAST_MODULES)
+    for family in FAMILIES:
+        table.update(family.fast_table())
+    return table
 
 
 @dataclass
@@ -41,9 +46,9 @@ class FastKernelReport:
 
 def apply_fast_kernels(model: nn.Module) -> FastKernelReport:
     """Replace supported layers of `model` (in place) by fast modules sharing their parameters."""
-    report = FastKernelReport()
+    report, table = FastKernelReport(), fast_modules()
     for name, module in list(model.named_modules()):
-        fast_cls = FAST_MODULES.get(type(module))
+        fast_cls = table.get(type(module))
         if fast_cls is None:
             continue
         param = next(module.parameters(), None)

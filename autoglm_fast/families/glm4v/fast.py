@@ -12,17 +12,6 @@ table. Patch embedding, the position resample, downsample and merger run once pe
 """
 from __future__ import annotations
 
-import importlib
-import sys
-import weakref
-
-if "autoglm_fast.fast" not in sys.modules:
-    # autoglm_fast.fast's swap table imports this module, so importing this one first would be a cycle: let
-    # that package import it (it runs this file to completion, and its copy is the one in sys.modules that
-    # importers get, as importlib supports); the rest of this run only repeats the definitions.
-    del sys.modules[__name__]
-    importlib.import_module("autoglm_fast.fast")
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,31 +23,15 @@ from ...kernels.norms import swiglu
 from ...kernels.vision_rope import vision_rope_
 from .vision import Glm4vVisionAttention, Glm4vVisionBlock, Glm4VisionMlp
 
-# (weakref to the last cu_seqlens, its version counter, its longest segment): every block of a tower call
-# gets the same cu_seqlens tensor, so the host sync that reads the longest segment happens once per call.
-_last_max_seqlen: tuple = (None, -1, 0)
-
-
-def max_seqlen(cu_seqlens: Tensor) -> int | None:
-    """The longest segment (a host sync, remembered for the same unmodified tensor); None for a single
-    segment, where the kernel's default grid bound (all rows) is exact without a sync."""
-    global _last_max_seqlen
-    if cu_seqlens.shape[0] <= 2:
-        return None
-    ref, version, value = _last_max_seqlen
-    if ref is None or ref() is not cu_seqlens or version != cu_seqlens._version:
-        value = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        _last_max_seqlen = (weakref.ref(cu_seqlens), cu_seqlens._version, value)
-    return value
-
-
 class FastGlm4vVisionAttention(FastModule, Glm4vVisionAttention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
         if not self.kernels_usable(x) or x.dim() != 2:
             return Glm4vVisionAttention.forward(self, x, cos, sin, cu_seqlens)
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # [N, 3E]: q | k | v, heads contiguous in each
         vision_rope_(qkv, cos.float(), sin.float(), self.num_heads)  # the tower's tables are fp32 already
-        o = varlen_attention(qkv, self.num_heads, cu_seqlens.to(torch.int32), max_seqlen(cu_seqlens))
+        # No max_seqlen: the grid then covers all rows per image and the programs past an image's end exit
+        # at once - cheaper than the host sync that reading the longest image would cost every block.
+        o = varlen_attention(qkv, self.num_heads, cu_seqlens.to(torch.int32))
         return F.linear(o, self.proj.weight, self.proj.bias)
 
 
@@ -94,3 +67,8 @@ class FastGlm4vVisionBlock(FastModule, Glm4vVisionBlock):
             x = x + h
             h = self.norm2(x)
         return x + self.mlp(h)
+
+
+# this family's swaps, merged into apply_fast_kernels' table (autoglm_fast/families/__init__.py)
+FAST_MODULES = {Glm4vVisionAttention: FastGlm4vVisionAttention, Glm4VisionMlp: FastGlm4VisionMlp,
+                Glm4vVisionBlock: FastGlm4vVisionBlock}
