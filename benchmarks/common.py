@@ -1,6 +1,7 @@
 """Timing, device ceilings and the roofline arithmetic shared by the benchmark suites."""
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -86,6 +87,13 @@ def bench(fn: Callable[[], object], timer: str) -> tuple[float, float, float, st
             torch.cuda.synchronize()
     med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
     return med, lo, hi, "stream"
+
+
+def free_cuda_memory() -> None:
+    """After a model is dropped: collect it and hand its blocks back, so the next row starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sync() -> None:

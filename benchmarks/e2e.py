@@ -15,13 +15,12 @@ Each row's `graphs` holds the CUDA-graph state the graphed engine reported after
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
 import torch
 
-from .common import NAN, Options, Recorder, Row, _why, sync
+from .common import NAN, Options, Recorder, Row, _why, free_cuda_memory, sync
 
 
 def _ttft(engine, request: dict, repeats: int, warmup: bool) -> tuple[float, int]:
@@ -104,9 +103,7 @@ def _long_context(rec: Recorder, preset: str, label: str, contexts, new_tokens: 
             row.errors.setdefault("ours", _why(e))
         finally:
             del engine
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_cuda_memory()
         rec.record(row)
 
 
@@ -176,8 +173,6 @@ def run(rec: Recorder) -> None:
                 row.errors.setdefault(impl, _why(e))
         finally:
             del engine
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_cuda_memory()
         emit()
     _long_context(rec, preset, label, (64, 256) if small else (4096, 32768), new_tokens)

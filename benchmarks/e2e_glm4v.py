@@ -13,14 +13,13 @@ preset with a 112x168 screenshot, 32 system tokens and 4 generated tokens (a CPU
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from .common import NAN, Options, Recorder, Row, _why, sync
+from .common import NAN, Options, Recorder, Row, _why, free_cuda_memory, sync
 
 
 def _screenshot(width: int, height: int):
@@ -100,8 +99,6 @@ def run(rec: Recorder) -> None:
             row.errors.setdefault("ours", _why(e))
     finally:
         del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_cuda_memory()
     for row in (ttft, decode, step):
         rec.record(row)

@@ -75,3 +75,16 @@ def save_checkpoint(directory: Path, chat_template: str, seed: int = 0, config: 
         "size": {"shortest_edge": 12544, "longest_edge": 200704},  # small images: few patches on a CPU
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     return model
+
+
+def randomize_vision(model: torch.nn.Module) -> None:
+    """A vision tower's weights with O(1) activations, non-trivial norms and biases, and attention sharp
+    enough that a leak between images (or a missing mask) shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            elif "position_embedding" in name:
+                p.normal_(0, 0.5)
+            else:
+                p.normal_(0, (3.0 if "qkv" in name else 1.0) / p[0].numel() ** 0.5)

@@ -20,6 +20,7 @@ from autoglm_fast.kernels import adapter_attention as attn_mod
 from autoglm_fast.kernels.adapter_attention import reference_varlen_attention, varlen_attention
 from autoglm_fast.kernels.utils import forced_config
 from autoglm_fast.kernels.vision_rope import reference_vision_rope, vision_rope_
+from glm4v_checkpoint import randomize_vision as randomize  # noqa: E402
 from kernel_harness import (ALL_DTYPES, DEVICE, assert_matches, assert_within, nan_like, randn, reference_pair,
                             requires_kernels, tolerance_failures)
 
@@ -141,18 +142,6 @@ def test_rope_teeth_and_bad_inputs():
 
 
 # ---- the fast tower --------------------------------------------------------------------------------------
-def randomize(model: torch.nn.Module) -> None:
-    """O(1) activations, non-trivial norms, attention sharp enough that a leak between images shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            elif "position_embedding" in name:
-                p.normal_(0, 0.5)
-            else:
-                p.normal_(0, (3.0 if "qkv" in name else 1.0) / p[0].numel() ** 0.5)
-
-
 @pytest.fixture(scope="module")
 def towers():
     cfg = Glm4vConfig.preset("glm4v-tiny").vision

@@ -16,6 +16,7 @@ from transformers.vision_utils import get_vision_position_ids  # noqa: E402
 
 from autoglm_fast.families.glm4v.config import Glm4vConfig  # noqa: E402
 from autoglm_fast.families.glm4v.vision import Glm4vVisionModel, vision_cu_seqlens  # noqa: E402
+from glm4v_checkpoint import randomize_vision as randomize  # noqa: E402
 
 TOL = 1e-4
 GLM41V_VISION_PARAMS = 892_498_432  # GLM-4.1V-9B's tower, downsample and merger included
@@ -25,19 +26,6 @@ def hf_config(cfg, **extra) -> transformers.Glm4vVisionConfig:
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "rope_theta"}
     return transformers.Glm4vVisionConfig(**fields, **extra,
                                           rope_parameters={"rope_type": "axial", "rope_theta": cfg.rope_theta})
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """O(1) activations, non-trivial norms and biases, attention sharp enough that masking matters."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            elif "position_embedding" in name:
-                p.normal_(0, 0.5)
-            else:
-                gain = 3.0 if "qkv" in name else 1.0
-                p.normal_(0, gain / p[0].numel() ** 0.5)
 
 
 @pytest.fixture(scope="module")
