@@ -50,3 +50,13 @@ def nano_config_for(tok, base: AutoGLMPhoneConfig | None = None) -> AutoGLMPhone
         audio_start_token_id=ids["<|begin_of_audio|>"], audio_end_token_id=ids["<|end_of_audio|>"],
         eos_token_ids=(ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]),
         pad_token_id=ids["<|pad|>"])
+
+
+def build_nano_tokenizer(directory: str | Path, texts: list[str] | None = None, vocab_size: int = 512):
+    """Train on `texts` (default: every string the synthetic tasks produce), save to `directory`, and
+    load it back the way a checkpoint's is loaded. Returns (HFTokenizer, matching nano config)."""
+    from ..tokenizer import HFTokenizer
+    from .data import training_texts
+    tok = train_tokenizer(training_texts() if texts is None else texts, vocab_size)
+    config = nano_config_for(tok)
+    return HFTokenizer(save_tokenizer(tok, directory).parent, config), config
