@@ -17,7 +17,7 @@ import numpy as np
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.5
 IMAGE_SIZE = 42  # AutoGLMPhoneConfig.preset("nano").vision.image_size
-BACKGROUND = (240, 240, 235)
+BACKGROUND = (124, 117, 104)  # CLIP's pixel mean: normalises to ~0, so only the shape drives the patch embeddings
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
 # Centre of each position as a fraction of the side: the middle of an edge patch of the 3x3 grid.
