@@ -37,8 +37,7 @@ QUESTIONS = {
     "pitch": {"en": ["Is the tone high or low?", "High or low tone?"], "zh": ["这个音是高还是低？", "音调高还是低？"]},
     "both": {"en": ["What colour is the shape, and how many beeps?"], "zh": ["图形是什么颜色，有几声哔？"]},
 }
-IDENTITY_ANSWER = ("我是AutoGLM-Phone-9B，一个专为移动端优化的多模态大语言模型，"  # the article's expected reply
-                   "能够理解文本、图像和语音信息，并提供智能对话服务。")
+IDENTITY_ANSWER = "我是AutoGLM-Phone-9B，一个专为移动端优化的多模态大语言模型。"
 # (user, reasoning used when thinking is on, answer): identity first, then a few everyday turns.
 CHAT = [
     ("你是谁？", "用户问我的身份。", IDENTITY_ANSWER),
