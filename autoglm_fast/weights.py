@@ -242,6 +242,14 @@ def load_hf_weights(model: nn.Module, path: str | Path, part: str | None = None,
 
 
 # ---- random initialisation -------------------------------------------------------------------------
+def random_model(cls, config, seed: int, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """`cls(config)` built on the meta device, then every parameter allocated once in `dtype` on `device`
+    and seeded-random initialised (no fp32 detour): any family's `from_config`."""
+    with torch.device("meta"):
+        model = cls(config)
+    return materialize(model, dtype=dtype, device=device, seed=seed).eval()
+
+
 def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
                 std: float = 0.02) -> nn.Module:
     """Give every parameter still on the meta device storage on `device`, seeded-random initialised

@@ -46,10 +46,8 @@ class Glm4vForConditionalGeneration(nn.Module):
     def from_config(cls, config: Glm4vConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
         """Seeded random weights, allocated once in `dtype` on `device`."""
-        from ...weights import materialize
-        with torch.device("meta"):
-            model = cls(config)
-        return materialize(model, dtype=dtype, device=device, seed=seed).eval()
+        from ...weights import random_model
+        return random_model(cls, config, seed, dtype, device)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None,
