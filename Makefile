@@ -12,10 +12,7 @@ INTERPRET = $$($(PY) -c 'import torch; print("" if torch.cuda.is_available() els
 .PHONY: demo test clean
 
 demo: $(VENV)/.installed-serve
-	$(VENV)/bin/autoglm-fast demo --write-media .demo
-	TRITON_INTERPRET=$(INTERPRET) $(VENV)/bin/autoglm-fast generate --preset nano \
-		--image .demo/screen.png --audio .demo/tone.wav \
-		--prompt "What is on the screen, and what do you hear?" --max-tokens 16
+	TRITON_INTERPRET=$(INTERPRET) $(VENV)/bin/autoglm-fast demo
 
 test: $(VENV)/.installed-test
 	TRITON_INTERPRET=$(INTERPRET) $(VENV)/bin/pytest

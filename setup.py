@@ -4,7 +4,9 @@ from setuptools import find_packages, setup
 
 # kernels/ and benchmarks/ install under the package (autoglm_fast.kernels, autoglm_fast.benchmarks):
 # a top-level `kernels` would shadow an unrelated PyPI package of that name which transformers probes for.
-SUBDIRS = {"autoglm_fast.kernels": "kernels", "autoglm_fast.benchmarks": "benchmarks"}
+# checkpoints/ (the trained nano model, data files only) installs as autoglm_fast.checkpoints.
+SUBDIRS = {"autoglm_fast.kernels": "kernels", "autoglm_fast.benchmarks": "benchmarks",
+           "autoglm_fast.checkpoints": "checkpoints"}
 packages = find_packages(include=["autoglm_fast", "autoglm_fast.*"])
 for name, folder in SUBDIRS.items():
     packages += [name] + [f"{name}.{p}" for p in find_packages(folder)]
@@ -23,6 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=SUBDIRS,
+    package_data={"autoglm_fast.checkpoints": ["*/*"]},
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "safetensors>=0.4"],
     extras_require={"serve": serve, "bench": bench, "test": test, "dev": sorted(set(serve + test))},
     entry_points={"console_scripts": ["autoglm-fast=autoglm_fast.cli:main"]},

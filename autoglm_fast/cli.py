@@ -27,9 +27,14 @@ def _info(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo, write_media
     if args.write_media:
-        print(" ".join(write_media(args.preset, args.write_media)))
+        print(" ".join(write_media(args.write_media, args.model)))
     else:
-        run_demo(args.preset, args.prompt, args.max_new_tokens, args.seed)
+        run_demo(args.model, args.backend, args.max_tokens)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.eval import main as eval_main
+    return eval_main(args.eval_args)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -54,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="stream an answer (text, --image, --audio) from the engine")
     add_arguments(p)
     p.set_defaults(func=_generate)
-    p = sub.add_parser("demo", help="one image+audio+text request through the eager reference, timed per part")
-    p.add_argument("--write-media", metavar="DIR", help="only write the demo image and tone (PNG, WAV) to DIR")
-    p.add_argument("--preset", default="nano")
-    p.add_argument("--prompt", default="What is on the screen, and what do you hear?")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the shipped nano checkpoint answers a vision, an audio and a text question")
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: checkpoints/autoglm-phone-nano)")
+    p.add_argument("--backend", choices=["fast", "reference"], help="default: fast where the kernels can run")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--write-media", metavar="DIR", help="only write the demo's image and clip (PNG, WAV) to DIR")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("eval", help="held-out accuracy per task of a nano checkpoint, both backends",
+                       add_help=False)  # its own parser (autoglm_fast.train.eval) reads the arguments
+    p.set_defaults(func=_eval)
     p = sub.add_parser("serve", help="the OpenAI-compatible API (FastAPI + uvicorn) on --host:--port")
     from .server.cli import add_arguments as add_serve_arguments
     add_serve_arguments(p)
@@ -74,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="autoglm-phone-9b", help="autoglm-phone-9b, nano, glm-4.1v-9b, glm4v-tiny")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory (its config.json picks the family)")
     p.set_defaults(func=_info)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "eval":
+        args.eval_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except (ValueError, TypeError) as e:

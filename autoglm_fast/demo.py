@@ -1,6 +1,5 @@
-"""`make demo`: one image + one tone + a text prompt through every part of the model, greedy decoding
-on the eager reference, with per-part timings. Seeded random weights: the tokens are arbitrary but
-reproducible; the point is that every stage runs end to end."""
+"""`make demo`: the shipped nano checkpoint answers a vision, an audio and a text question through the
+engine (fast kernels where they can run). Also the synthetic screenshot and tone the tests use."""
 from __future__ import annotations
 
 import math
@@ -8,10 +7,6 @@ import math
 import torch
 
 from .config import AutoGLMPhoneConfig
-from .reference.audio_processing import preprocess_audio
-from .reference.generate import greedy_generate
-from .reference.image_processing import preprocess_images
-from .reference.model import AutoGLMPhoneForCausalLM
 
 
 def demo_image(size: int = 96):
@@ -29,56 +24,75 @@ def demo_tone(config: AutoGLMPhoneConfig, seconds: float = 1.0, hz: float = 440.
     return 0.5 * torch.sin(2 * math.pi * hz * t)
 
 
-def write_media(preset: str, directory: str) -> list[str]:
-    """The demo's screenshot (PNG) and 1 s tone (16-bit WAV) as files, for `autoglm-fast generate`."""
-    import wave
-    from pathlib import Path
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    image, tone = out / "screen.png", out / "tone.wav"
-    demo_image().save(image)
-    config = AutoGLMPhoneConfig.preset(preset)
-    pcm = (demo_tone(config) * 32767).round().to(torch.int16).numpy().tobytes()
-    with wave.open(str(tone), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(config.audio.sampling_rate)
-        w.writeframes(pcm)
-    return [str(image), str(tone)]
-
-
 def build_prompt(config: AutoGLMPhoneConfig, text_ids: list[int], num_audio_tokens: int) -> list[int]:
     """[image block] [audio block] text, with the placeholder runs the model splices media into."""
     return (config.placeholder_block("image", config.vision.num_tokens)
             + config.placeholder_block("audio", num_audio_tokens) + text_ids)
 
 
-def run_demo(preset: str = "nano", prompt: str = "What is on the screen, and what do you hear?",
-             max_new_tokens: int = 16, seed: int = 0) -> list[int]:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = AutoGLMPhoneConfig.preset(preset)
-    if config.text.vocab_size < 256:
-        raise ValueError("the demo encodes text as UTF-8 bytes and needs a vocabulary of at least 256")
-    torch.manual_seed(seed)
-    model = AutoGLMPhoneForCausalLM.from_config(config, seed=seed)
-    counts = model.parameter_counts()
-    print(f"autoglm-fast demo: preset {preset!r}, eager reference, seeded random weights (seed {seed})")
+DEMO_QUESTIONS = (  # (what the media hold, the user's content) - one per part of the model
+    ("image: a blue triangle on the left", "image", "What shape is it?"),
+    ("audio: three high beeps", "audio", "How many beeps?"),
+    ("text only", None, "你是谁？"),
+)
+
+
+def demo_media(config: AutoGLMPhoneConfig):
+    """The demo's image (a blue triangle on the left) and clip (three high beeps), as the nano model
+    was trained to see and hear them (autoglm_fast/train/data.py)."""
+    import numpy as np
+
+    from .train import data
+    rng = np.random.default_rng(2026)
+    return (data.make_image("triangle", "blue", "left", config.vision.image_size, rng),
+            data.make_tones(3, "high", rng))
+
+
+def write_media(directory: str, model: str | None = None) -> list[str]:
+    """The demo's image (PNG) and clip (16-bit WAV) as files, for `autoglm-fast generate --image --audio`."""
+    import wave
+    from pathlib import Path
+
+    from .train.eval import default_checkpoint
+    config = AutoGLMPhoneConfig.from_checkpoint(model or default_checkpoint())
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    image, clip = demo_media(config)
+    paths = out / "shape.png", out / "beeps.wav"
+    image.save(paths[0])
+    with wave.open(str(paths[1]), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(config.audio.sampling_rate)
+        w.writeframes((clip * 32767).round().astype("<i2").tobytes())
+    return [str(p) for p in paths]
+
+
+def run_demo(model: str | None = None, backend: str | None = None, max_tokens: int = 64) -> list[str]:
+    """Ask the shipped nano checkpoint (or `model`) a vision, an audio and a text question; print and
+    return the three answers."""
+    import time
+
+    from .engine import Engine, SamplingParams
+    from .train.eval import default_checkpoint
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    path = model or default_checkpoint()
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(path, backend=backend)
+    counts = engine.model.parameter_counts()
+    print(f"autoglm-fast demo: {path} ({engine.backend} backend on {engine.device}, {engine.dtype}; "
+          f"loaded in {time.perf_counter() - t0:.1f} s)")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-
-    pixel_values = preprocess_images(demo_image(), config.vision)
-    tone = demo_tone(config)
-    input_features, num_samples = preprocess_audio([tone], config.audio)
-    # No tokenizer yet: the nano vocabulary's first 256 ids stand for UTF-8 bytes.
-    text_ids = list(prompt.encode("utf-8"))
-    ids = build_prompt(config, text_ids, config.audio.num_tokens(num_samples[0]))
-    print(f"request: image {tuple(pixel_values.shape[-2:])} -> {config.vision.num_tokens} tokens, "
-          f"tone {len(tone) / config.audio.sampling_rate:.1f} s -> {config.audio.num_tokens(num_samples[0])} tokens, "
-          f"text {len(text_ids)} tokens; prompt length {len(ids)}")
-
-    result = greedy_generate(model, torch.tensor([ids]), max_new_tokens, pixel_values=pixel_values,
-                             input_features=input_features, audio_num_samples=num_samples)
-    tokens = result.tokens[0]
-    for stage, seconds in result.timings.items():
-        extra = f" ({1e3 * seconds / max(len(tokens) - 1, 1):.2f} ms/token)" if stage == "decode" else ""
-        print(f"  {stage:<8} {1e3 * seconds:8.2f} ms{extra}")
-    print(f"generated {len(tokens)} tokens: {tokens}")
-    return tokens
+    image, clip = demo_media(engine.config)
+    answers = []
+    for what, kind, question in DEMO_QUESTIONS:
+        media = [{"type": kind, kind: image if kind == "image" else clip}] if kind else []
+        messages = [{"role": "user", "content": media + [{"type": "text", "text": question}]}]
+        t0 = time.perf_counter()
+        out = engine.generate([None], SamplingParams(max_tokens=max_tokens, temperature=0.0), messages=messages,
+                              enable_thinking=False)[0]
+        if out.error:
+            raise ValueError(out.error)
+        answers.append(out.text.strip())
+        print(f"[{what}] {question}\n  -> {answers[-1]}   ({1e3 * (time.perf_counter() - t0):.0f} ms, "
+              f"{out.prompt_tokens} prompt + {out.completion_tokens} generated tokens)")
+    return answers

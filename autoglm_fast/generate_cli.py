@@ -11,8 +11,10 @@ import torch
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model / --preset / --tokenizer (also `serve`'s)."""
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint directory (config.json + safetensors + tokenizer.json)")
-    src.add_argument("--preset", help="a preset with seeded random weights and the byte tokenizer (default: nano)")
+    src.add_argument("--model", help="checkpoint directory (config.json + safetensors + tokenizer.json); "
+                     "default: the shipped, trained checkpoints/autoglm-phone-nano")
+    src.add_argument("--preset", help="a preset with seeded random weights and the byte tokenizer instead "
+                     "(nano, autoglm-phone-9b, glm-4.1v-9b, glm4v-tiny)")
     p.add_argument("--tokenizer", metavar="PATH|bytes",
                    help="a tokenizer.json (or a directory holding one), or 'bytes' for the built-in byte "
                         "tokenizer; default: the checkpoint's own (a checkpoint without one is an error)")
@@ -20,9 +22,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_engine(args: argparse.Namespace, **kwargs):
     from .engine import Engine
-    if args.model:
-        return Engine.from_pretrained(args.model, tokenizer=args.tokenizer, **kwargs)
-    return Engine.from_preset(args.preset or "nano", tokenizer=args.tokenizer, **kwargs)
+    if args.preset:
+        return Engine.from_preset(args.preset, tokenizer=args.tokenizer, **kwargs)
+    from .train.eval import default_checkpoint
+    return Engine.from_pretrained(args.model or default_checkpoint(), tokenizer=args.tokenizer, **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -218,6 +218,7 @@ class HFTokenizer(Tokenizer):
         self.eos_token_ids = (tuple(config.eos_token_ids) if config is not None else
                               tuple(self.special_ids[n] for n in ("<|endoftext|>", "<|user|>", "<|observation|>")))
         self._pattern = _special_pattern(self._extra.values()) if self._extra else None
+        self._think = {self.special_ids[n]: n for n in ("<think>", "</think>") if n in self.special_ids}
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         if not allow_special:
@@ -233,12 +234,14 @@ class HFTokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Ids the file doesn't know (the model's padded vocabulary tail) decode to "", as in `tokenizers`."""
+        """Ids the file doesn't know (the model's padded vocabulary tail) decode to "", as in `tokenizers`.
+        skip_special_tokens never drops the think tags, whether or not the file marks them special:
+        the server splits reasoning from content on them (vLLM's parsers split on their ids)."""
         out, run = [], []
-        for i in ids:  # config-only ids are unknown to the file: decode around them
-            if i in self._extra:
+        for i in ids:  # config-only ids are unknown to the file, kept think tags hidden by it: decode around them
+            if i in self._extra or (skip_special_tokens and i in self._think):
                 out.append(self._tok.decode(run, skip_special_tokens=skip_special_tokens))
-                out.append("" if skip_special_tokens else self._extra[i])
+                out.append(self._think[i] if i in self._think else "" if skip_special_tokens else self._extra[i])
                 run = []
             else:
                 run.append(i)

@@ -14,26 +14,26 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_demo_prints_generated_tokens_and_timings():
-    proc = run("demo", "--max-new-tokens", "5")
+def test_demo_answers_a_vision_an_audio_and_a_text_question():
+    """The shipped nano checkpoint: a blue triangle, three beeps, and the article's identity question."""
+    from autoglm_fast.train.data import IDENTITY_ANSWER
+    proc = run("demo", "--backend", "reference")
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert "generated 5 tokens: [" in out
-    for stage in ("vision", "audio", "prefill", "decode"):
-        assert f"  {stage}" in out
-    assert "total 386,251" in out  # nano parameter count
+    answers = [line.split("-> ", 1)[1].rsplit("   (", 1)[0] for line in proc.stdout.splitlines() if "  -> " in line]
+    assert answers == ["triangle", "3", IDENTITY_ANSWER], proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [
-    (("demo", "--preset", "nope"), "unknown preset 'nope'"),
-    (("demo", "--max-new-tokens", "0"), "max_new_tokens must be >= 1"),
+    (("generate", "--preset", "nope", "--prompt", "x"), "unknown preset 'nope'"),
+    (("demo", "--max-tokens", "0"), "max_tokens must be"),
+    (("demo", "--model", "/nonexistent"), "/nonexistent"),
 ])
 def test_cli_errors_are_clear(args, message):
     proc = run(*args)
     assert proc.returncode == 2 and message in proc.stderr
 
 
-@pytest.mark.parametrize("command", [(), ("generate",), ("demo",), ("serve",), ("bench",), ("info",)])
+@pytest.mark.parametrize("command", [(), ("generate",), ("demo",), ("serve",), ("bench",), ("info",), ("eval",)])
 def test_every_help_page_renders(command):
     proc = run(*command, "--help")
     assert proc.returncode == 0 and "usage: autoglm-fast" in proc.stdout, proc.stderr[-2000:]
@@ -60,7 +60,7 @@ def test_generate_streams_an_answer_with_media_and_reports_speed(tmp_path):
                "--prompt", "what is this?", "--max-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     assert "4 generated (length)" in proc.stderr and "time to first token" in proc.stderr
-    bad = run("generate", "--preset", "nano", "--backend", "reference", "--image", str(tmp_path / "tone.wav"),
+    bad = run("generate", "--preset", "nano", "--backend", "reference", "--image", str(tmp_path / "beeps.wav"),
               "--prompt", "x")
     assert bad.returncode == 2 and "image" in bad.stderr
 

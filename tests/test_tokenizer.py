@@ -253,3 +253,14 @@ def test_hf_without_think_tags_renders_them_as_text(tmp_path):
     assert "<think>" not in tok.special_ids
     prompt = render_chat([{"role": "user", "content": "hi"}], tok, config, enable_thinking=False)
     assert tok.decode(prompt.token_ids) == "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think></think>\n"
+
+
+def test_hf_skipping_specials_keeps_think_tags(tmp_path):
+    """The file marks every GLM token special (as the nano checkpoint's does); skipping specials still
+    renders the think tags, which the server splits reasoning on, and drops the rest."""
+    tok, _ = make_hf(tmp_path)
+    ids = tok.encode("<|assistant|><think>why</think>\nanswer<|endoftext|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>why</think>\nanswer"
+    deltas, tail = stream(tok, ids, skip=True)
+    assert "".join(deltas) + tail == "<think>why</think>\nanswer"
+    assert tok.decode(ids) == "<|assistant|><think>why</think>\nanswer<|endoftext|>"
