@@ -73,18 +73,16 @@ def test_fast_backend_gives_the_reference_answers(examples, reference):
 
 
 def test_zeroed_vision_gate_drops_vision_to_chance():
-    """g_v = sigmoid(-1e4) = 0 at every text position. Colour and shape reach the answer only through
-    the gated fusion and fall to chance; where the shape is, the language model also reads off the
-    spliced image tokens, so position falls only part of the way (45 % on this set, chance 25 %).
-    Audio and text are untouched."""
+    """g_v = sigmoid(-1e4) = 0 at every text position: colour, shape and position fall to chance (on
+    this set 27.5 %, 32.5 % and 2.5 %, chance 25 %, 33 %, 25 %) while audio stays perfect. The model
+    was trained with most rows' spliced image tokens blanked (train.loss_fn image_token_dropout), so
+    vision reaches the text through the gated fusion, not by attending to the image tokens."""
     engine = load()
     with torch.no_grad():
         engine.model.fusion.gate.weight[0].zero_()
         engine.model.fusion.gate.bias[0] = -1e4
-    accuracy, _ = evaluate(engine, heldout(PER_TASK * 5, tasks=VISION_TASKS + AUDIO_TASKS))
-    for task in ("colour", "shape"):
-        assert accuracy[task] <= CHANCE[task] + 0.15, (task, accuracy)
-    assert accuracy["position"] <= 0.6, accuracy
-    assert sum(accuracy[t] for t in VISION_TASKS) / 3 <= sum(CHANCE.values()) / 3 + 0.1, accuracy
+    accuracy, _ = evaluate(engine, heldout(40 * 5, tasks=VISION_TASKS + AUDIO_TASKS))
+    for task, chance in CHANCE.items():
+        assert accuracy[task] <= chance + 0.15, (task, accuracy)
     for task in AUDIO_TASKS:
         assert accuracy[task] >= 0.9, (task, accuracy)

@@ -45,3 +45,25 @@ def test_steps_lower_the_loss(setup):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = [train_step(model, opt, batch) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_image_token_dropout_leaves_vision_only_the_gate(setup):
+    """With every row dropped, only the vision summary v (the mean of the image tokens) reaches the
+    text: shuffling the image tokens around their mean leaves the loss unchanged. Without dropout the
+    backbone reads the tokens themselves and the loss moves."""
+    _, config, batch = setup
+    model = make_model(config, seed=0).eval()
+
+    def spread(module, args, out):  # each image's tokens pushed apart, their mean unchanged
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return out + 20 * (noise - noise.mean(1, keepdim=True))
+
+    with torch.no_grad():
+        plain = {p: loss_fn(model, batch, p) for p in (0.0, 1.0)}
+        handle = model.vision_connector.register_forward_hook(spread)
+        spread_out = {p: loss_fn(model, batch, p) for p in (0.0, 1.0)}
+        handle.remove()
+    assert abs(float(plain[1.0] - spread_out[1.0])) < 1e-5
+    assert abs(float(plain[0.0] - spread_out[0.0])) > 1e-3
+    with pytest.raises(ValueError, match="image_token_dropout"):
+        loss_fn(model, batch, 1.5)

@@ -35,6 +35,7 @@ class Recipe:
     pool: int = 8000               # training examples generated up front and sampled with replacement
     pretrain_steps: int = 400      # vision-tower probe steps (stage 1)
     freeze_vision_tower: bool = True  # in stage 2, as LLaVA keeps CLIP frozen (else shape features wash out)
+    image_token_dropout: float = 0.9  # rows that see vision only through the gate (train.loss_fn)
     heldout: int = 400
     eval_every: int = 400
     seed: int = 0
@@ -93,10 +94,12 @@ def train_nano(out_dir: str | Path, recipe: Recipe = Recipe(), log=print) -> dic
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
     order = torch.Generator().manual_seed(recipe.seed)
+    dropout = torch.Generator().manual_seed(recipe.seed + 1)
     history = []
     for step in range(1, recipe.steps + 1):
         idx = torch.randint(0, len(pool), (recipe.batch_size,), generator=order).tolist()
-        loss = train_step(model, opt, make_batch([pool[i] for i in idx], tokenizer, config))
+        loss = train_step(model, opt, make_batch([pool[i] for i in idx], tokenizer, config),
+                          image_token_dropout=recipe.image_token_dropout, generator=dropout)
         sched.step()
         if step % recipe.eval_every == 0 or step == recipe.steps:
             acc = teacher_forced_accuracy(model, heldout, tokenizer, config)

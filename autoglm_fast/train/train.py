@@ -64,11 +64,27 @@ def make_batch(examples: list[dict], tokenizer: Tokenizer, config: AutoGLMPhoneC
     return Batch(input_ids, labels, pixel_values, feats, lengths)
 
 
-def loss_fn(model: AutoGLMPhoneForCausalLM, batch: Batch) -> torch.Tensor:
+def loss_fn(model: AutoGLMPhoneForCausalLM, batch: Batch, image_token_dropout: float = 0.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
     """Cross-entropy averaged over each row's scored tokens, then over rows. Per row, not per token:
     the media answers are one or two tokens, the chat answers dozens, and a per-token mean would give
-    the vision and audio tasks almost no gradient (measured: vision stayed at chance)."""
-    logits = model(batch.input_ids, **batch.model_inputs()).logits
+    the vision and audio tasks almost no gradient (measured: vision stayed at chance).
+
+    image_token_dropout: the share of rows whose spliced image tokens are zeroed after the vision
+    summary v has been taken from them. Vision then reaches those rows' text only through the gated
+    fusion (g_v * v); the rest keep the model used to real image tokens at inference."""
+    if not 0.0 <= image_token_dropout <= 1.0:
+        raise ValueError(f"image_token_dropout must be in [0, 1], got {image_token_dropout}")
+    if image_token_dropout == 0.0:
+        logits = model(batch.input_ids, **batch.model_inputs()).logits
+    else:
+        m = batch.model_inputs()
+        images = None if m["pixel_values"] is None else model.encode_images(m["pixel_values"])
+        audio = None if m["input_features"] is None else model.encode_audio(m["input_features"], m["audio_num_samples"])
+        embeds, context = model.embed(batch.input_ids, images, audio)  # context: v from the real tokens
+        rows = torch.rand(batch.input_ids.shape[0], generator=generator) < image_token_dropout
+        blank = (batch.input_ids == model.config.image_token_id) & rows[:, None].to(batch.input_ids.device)
+        logits = model(inputs_embeds=embeds.masked_fill(blank[..., None], 0.0), context=context).logits
     per_token = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
     scored = (batch.labels != IGNORE).float()
     return (per_token.sum(1) / scored.sum(1).clamp(min=1)).mean()
@@ -81,9 +97,9 @@ def make_model(config: AutoGLMPhoneConfig, seed: int = 0) -> AutoGLMPhoneForCaus
 
 
 def train_step(model: AutoGLMPhoneForCausalLM, optimizer: torch.optim.Optimizer, batch: Batch,
-               max_grad_norm: float = 1.0) -> float:
+               max_grad_norm: float = 1.0, **loss_options) -> float:
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model, batch)
+    loss = loss_fn(model, batch, **loss_options)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
