@@ -33,8 +33,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train.eval import main as eval_main
-    return eval_main(args.eval_args)
+    from .train.eval import run
+    return run(args)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--write-media", metavar="DIR", help="only write the demo's image and clip (PNG, WAV) to DIR")
     p.set_defaults(func=_demo)
-    p = sub.add_parser("eval", help="held-out accuracy per task of a nano checkpoint, both backends",
-                       add_help=False)  # its own parser (autoglm_fast.train.eval) reads the arguments
+    p = sub.add_parser("eval", help="held-out accuracy per task of a nano checkpoint, both backends")
+    from .train.eval import add_arguments as add_eval_arguments
+    add_eval_arguments(p)
     p.set_defaults(func=_eval)
     p = sub.add_parser("serve", help="the OpenAI-compatible API (FastAPI + uvicorn) on --host:--port")
     from .server.cli import add_arguments as add_serve_arguments
@@ -81,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="autoglm-phone-9b", help="autoglm-phone-9b, nano, glm-4.1v-9b, glm4v-tiny")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory (its config.json picks the family)")
     p.set_defaults(func=_info)
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "eval":
-        args.eval_args = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, TypeError) as e:

@@ -6,20 +6,20 @@ import pytest
 import torch
 
 from autoglm_fast.engine import Engine, SamplingParams
-from autoglm_fast.kernels.utils import device_supported, interpreting
+from autoglm_fast.kernels.utils import interpreting
 from autoglm_fast.tokenizer import HFTokenizer
 from autoglm_fast.train import data
 from autoglm_fast.train.eval import AUDIO_TASKS, VISION_TASKS, default_checkpoint, evaluate, heldout
+from kernel_harness import DEVICE, requires_kernels
 
 CKPT = default_checkpoint()
 PER_TASK = 20
 BAR = {"colour": 0.95, "shape": 0.95, "beeps": 0.90, "pitch": 0.90}  # the issue's acceptance bar
 CHANCE = {"colour": 1 / len(data.COLOURS), "shape": 1 / len(data.SHAPES), "position": 1 / len(data.POSITIONS)}
-needs_fast = pytest.mark.skipif(not device_supported("cpu"), reason="the fast backend on CPU needs TRITON_INTERPRET=1")
 
 
-def load(backend="reference"):
-    return Engine.from_pretrained(CKPT, backend=backend, device="cpu")
+def load(backend="reference", device="cpu"):
+    return Engine.from_pretrained(CKPT, backend=backend, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,13 @@ def test_identity_answer(thinking):
     assert out.text == (f"{data.CHAT[0][1]}</think>\n" if thinking else "") + data.IDENTITY_ANSWER
 
 
-@needs_fast
+@requires_kernels
 def test_fast_backend_gives_the_reference_answers(examples, reference):
     """Same completions, token for token. In Triton's interpreter a few examples of each task (the whole
     set takes ~10 minutes there); on a GPU, all of them."""
     picked = range(len(examples)) if not interpreting() else [
         next(i for i, ex in enumerate(examples) if ex["task"] == task) for task in data.TASKS]
-    _, completions = evaluate(load("fast"), [examples[i] for i in picked])
+    _, completions = evaluate(load("fast", DEVICE), [examples[i] for i in picked])
     assert completions == [reference[1][i] for i in picked]
 
 

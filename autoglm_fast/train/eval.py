@@ -67,15 +67,16 @@ def heldout(n: int, seed: int = 0, tasks: tuple[str, ...] = data.TASKS) -> list[
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="autoglm-fast eval", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped nano)")
     p.add_argument("--n", type=int, default=160, help="held-out examples (spread over the tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=BACKENDS + ("both",), default="both")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.n < 1:
-        p.error(f"--n must be >= 1, got {args.n}")
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     import torch
 
     from ..engine import Engine
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     backends = BACKENDS if args.backend == "both" else (args.backend,)
     if "fast" in backends and not device_supported(device):
         if args.backend == "fast":
-            p.error("the fast backend needs a CUDA GPU or TRITON_INTERPRET=1 (Triton's interpreter) on CPU")
+            raise ValueError("the fast backend needs a CUDA GPU or TRITON_INTERPRET=1 (Triton's interpreter) on CPU")
         print("fast backend skipped: no CUDA GPU and TRITON_INTERPRET is not set", file=sys.stderr)
         backends = ("reference",)
     results = {}
@@ -103,6 +104,16 @@ def main(argv=None) -> int:
         same = sum(a == b for a, b in zip(results["reference"][1], results["fast"][1]))
         print(f"reference and fast give the same completion on {same}/{len(examples)} examples")
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autoglm_fast.train.eval", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

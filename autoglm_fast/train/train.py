@@ -75,16 +75,15 @@ def loss_fn(model: AutoGLMPhoneForCausalLM, batch: Batch, image_token_dropout: f
     fusion (g_v * v); the rest keep the model used to real image tokens at inference."""
     if not 0.0 <= image_token_dropout <= 1.0:
         raise ValueError(f"image_token_dropout must be in [0, 1], got {image_token_dropout}")
-    if image_token_dropout == 0.0:
-        logits = model(batch.input_ids, **batch.model_inputs()).logits
-    else:
-        m = batch.model_inputs()
-        images = None if m["pixel_values"] is None else model.encode_images(m["pixel_values"])
-        audio = None if m["input_features"] is None else model.encode_audio(m["input_features"], m["audio_num_samples"])
-        embeds, context = model.embed(batch.input_ids, images, audio)  # context: v from the real tokens
-        rows = torch.rand(batch.input_ids.shape[0], generator=generator) < image_token_dropout
-        blank = (batch.input_ids == model.config.image_token_id) & rows[:, None].to(batch.input_ids.device)
-        logits = model(inputs_embeds=embeds.masked_fill(blank[..., None], 0.0), context=context).logits
+    m = batch.model_inputs()  # model.forward's own steps, with the image slots blanked in between
+    images = None if m["pixel_values"] is None else model.encode_images(m["pixel_values"])
+    audio = None if m["input_features"] is None else model.encode_audio(m["input_features"], m["audio_num_samples"])
+    embeds, context = model.embed(batch.input_ids, images, audio)  # context: v from the real tokens
+    B = batch.input_ids.shape[0]  # no draw at 0: the global RNG (adapter dropout) sees what it always saw
+    rows = (torch.rand(B, generator=generator) < image_token_dropout if image_token_dropout
+            else torch.zeros(B, dtype=torch.bool))
+    blank = (batch.input_ids == model.config.image_token_id) & rows[:, None].to(batch.input_ids.device)
+    logits = model(inputs_embeds=embeds.masked_fill(blank[..., None], 0.0), context=context).logits
     per_token = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
     scored = (batch.labels != IGNORE).float()
     return (per_token.sum(1) / scored.sum(1).clamp(min=1)).mean()
