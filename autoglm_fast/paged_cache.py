@@ -2,6 +2,11 @@
 sequence a block table. The cache owns allocation and freeing; kernels read and write the pools in
 place through the block tables (never a copy or `.contiguous()` of a pool).
 
+With prefix caching, blocks are reference-counted: a full block is registered under its content
+hash (prefix_cache.py) once its K/V is written, a new sequence starts on the cached blocks of its
+prefix, and a block nobody holds stays cached until it is handed out again (least recently freed
+first), so preemption and aborts never free what another sequence still reads.
+
 Pool layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
 
 Block size defaults to 32 tokens: a power of two, so `pos // block_size` and `pos % block_size`
@@ -11,6 +16,7 @@ contiguous runs; and the waste is under one page (< 32 tokens) per sequence - 0.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +51,11 @@ class PagedAttentionMetadata:
 
 class PagedKVCache:
     def __init__(self, config: TextConfig, num_blocks: int, block_size: int = 32,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu", with_pools: bool = True):
+                 dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu", with_pools: bool = True,
+                 enable_prefix_caching: bool = False):
         """with_pools=False: only the block accounting (the eager backend keeps its own caches but
-        schedules exactly like the fast one)."""
+        schedules exactly like the fast one). enable_prefix_caching: full blocks are kept, by content
+        hash, after their sequence is freed, for later sequences with the same prefix (prefix_cache.py)."""
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
         if num_blocks < 1:
@@ -57,10 +65,19 @@ class PagedKVCache:
         self.device = torch.device(device)
         self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+        self.prefix_caching = enable_prefix_caching
+        # Unreferenced blocks, in eviction order (the front goes first). A block whose content is
+        # cached stays findable by its hash until it is handed out again.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}      # block -> the content hash it is cached under
+        self._by_hash: dict[bytes, int] = {}      # content hash -> block
         self._blocks: dict[object, list[int]] = {}
         self._lens: dict[object, int] = {}
+        self._committed: dict[object, int] = {}   # full blocks of a sequence already offered to the cache
         self.null_block: int | None = None
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found (the hit rate)
+        self.evictions = 0  # cached blocks handed out again
 
     @classmethod
     def for_memory(cls, config: TextConfig, bytes_budget: int, block_size: int = 32,
@@ -71,7 +88,12 @@ class PagedKVCache:
     # ---- allocation ---------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
+        """Blocks a sequence can get: never used, freed, or cached but unreferenced (evicted on demand)."""
         return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._by_hash)
 
     @property
     def capacity(self) -> int:
@@ -83,10 +105,15 @@ class PagedKVCache:
         if self.null_block is None:
             if not self._free:
                 raise RuntimeError("KV cache has no free block to reserve as the null block")
-            self.null_block = self._free.pop()
+            self.null_block = self._take_free()
         return self.null_block
 
-    def blocks_needed(self, seq_id, num_new_tokens: int) -> int:
+    def blocks_needed(self, seq_id, num_new_tokens: int, cached: list[int] = ()) -> int:
+        """Free blocks `num_new_tokens` more tokens of a sequence take; for a new one starting on
+        `cached` blocks (find_cached), those of them no running sequence holds count too."""
+        if cached:
+            total, have = len(cached) * self.block_size + num_new_tokens, len(cached)
+            return max(0, -(-total // self.block_size) - have) + sum(self._refs[b] == 0 for b in cached)
         total = self._lens.get(seq_id, 0) + num_new_tokens
         return max(0, -(-total // self.block_size) - len(self._blocks.get(seq_id, ())))
 
@@ -97,9 +124,25 @@ class PagedKVCache:
         return self._lens.get(seq_id, 0)
 
     def free(self, seq_id) -> None:
-        """Return a finished or aborted sequence's blocks to the pool (unknown ids are ignored)."""
-        self._free.extend(reversed(self._blocks.pop(seq_id, [])))
+        """Drop a finished, aborted or preempted sequence's hold on its blocks (unknown ids are ignored).
+        A block nobody else holds becomes free; if its content is cached it is evicted last, and a
+        sequence's later blocks before its earlier ones (they are less likely to be shared)."""
+        for block in reversed(self._blocks.pop(seq_id, [])):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if block not in self._hash_of:  # nothing to keep: reuse it first
+                    self._free.move_to_end(block, last=False)
         self._lens.pop(seq_id, None)
+        self._committed.pop(seq_id, None)
+
+    def _take_free(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        if block in self._hash_of:  # evict: its content is about to be overwritten
+            del self._by_hash[self._hash_of.pop(block)]
+            self.evictions += 1
+        self._refs[block] = 1
+        return block
 
     def _reserve(self, seq_id, num_new_tokens: int) -> None:
         need = self.blocks_needed(seq_id, num_new_tokens)
@@ -107,7 +150,50 @@ class PagedKVCache:
             raise RuntimeError(f"KV cache out of blocks: sequence {seq_id!r} needs {need} more, "
                                f"{len(self._free)} free of {self.num_blocks}")
         blocks = self._blocks.setdefault(seq_id, [])
-        blocks.extend(self._free.pop() for _ in range(need))
+        blocks.extend(self._take_free() for _ in range(need))
+
+    # ---- prefix caching -----------------------------------------------------------------------
+    def find_cached(self, block_hashes: list[bytes], num_tokens: int) -> list[int]:
+        """Blocks holding the longest cached prefix of a new sequence of `num_tokens` tokens whose full
+        blocks hash to `block_hashes`. At least one token is left to compute (its logits start decoding)."""
+        if not self.prefix_caching:
+            return []
+        hits = []
+        for h in block_hashes[:(num_tokens - 1) // self.block_size]:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def share(self, seq_id, cached: list[int], num_tokens: int) -> None:
+        """Start a new sequence on the cached blocks of its prefix (from find_cached); counts the lookup
+        of its `num_tokens` prompt tokens towards the hit rate."""
+        if seq_id in self._blocks:
+            raise ValueError(f"sequence {seq_id!r} already has blocks")
+        for block in cached:
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+        if cached:
+            self._blocks[seq_id] = list(cached)
+            self._lens[seq_id] = len(cached) * self.block_size
+            self._committed[seq_id] = len(cached)
+        self.prefix_queries += num_tokens
+        self.prefix_hits += len(cached) * self.block_size
+
+    def commit(self, seq_id, block_hashes: list[bytes]) -> None:
+        """Offer a sequence's newly filled blocks (their K/V written) to the cache under their hashes.
+        A hash already cached keeps its block: this sequence's copy is an ordinary private block."""
+        if not self.prefix_caching:
+            return
+        blocks, done = self._blocks.get(seq_id, []), self._committed.get(seq_id, 0)
+        full = min(len(block_hashes), self._lens.get(seq_id, 0) // self.block_size)
+        for i in range(done, full):
+            if block_hashes[i] not in self._by_hash and blocks[i] not in self._hash_of:
+                self._by_hash[block_hashes[i]] = blocks[i]
+                self._hash_of[blocks[i]] = block_hashes[i]
+        self._committed[seq_id] = max(done, full)
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self, seq_ids: list, num_new_tokens: list[int]) -> PagedAttentionMetadata:

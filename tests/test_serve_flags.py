@@ -128,3 +128,11 @@ def test_vllm_value_forms():
     assert args.limit_mm_per_prompt == {"image": 10} and args.max_images == 10
     args = parse("--max-images", "3", "--limit-mm-per-prompt", '{"video": 1}')
     assert args.limit_mm_per_prompt == {"image": 3, "video": 1} and args.max_images == 3
+
+
+@pytest.mark.parametrize("argv, expected", [((), None), (("--no-prefix-caching",), False),
+                                            (("--no_enable_prefix_caching",), False),
+                                            (("--enable-prefix-caching",), True)])
+def test_prefix_caching_flags(argv, expected):
+    """None: the engine's default (on for the fast backend, off for the reference one)."""
+    assert parse(*argv).enable_prefix_caching is expected

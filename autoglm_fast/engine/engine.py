@@ -20,6 +20,7 @@ import torch
 from ..families import family_for_checkpoint, family_for_model, family_for_preset
 from ..kernels.utils import device_supported
 from ..paged_cache import PagedKVCache
+from ..prefix_cache import extend_block_hashes
 from ..sampling import Sampler, SamplingParams, make_generator
 from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
 from .request import Request, RequestOutput, Status
@@ -31,11 +32,15 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer | str | None = None, *,
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
                  scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
-                 checkpoint: str | Path | None = None, **family_options):
+                 enable_prefix_caching: bool | None = None, checkpoint: str | Path | None = None,
+                 **family_options):
         """model: any family's model (families/__init__.py); its runtime is the engine's view of it.
         cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
         True on a CPU runs the same static-buffer path eagerly (what the graphs would replay).
         What decode actually got is `graph_state` ("captured", "fallback" with its reason, ...).
+        enable_prefix_caching: reuse the KV blocks of earlier requests' identical prefixes (media
+        included; see prefix_cache.py). Default on for the fast backend; the reference backend keeps
+        a private cache per request and cannot share.
         checkpoint, family_options: passed to the family's runtime (its processor files, e.g.
         mm_processor_kwargs for GLM-4.1V)."""
         self.runtime = family_for_model(model).runtime_cls(model, checkpoint, **family_options)
@@ -52,8 +57,12 @@ class Engine:
         if num_blocks is None:  # room for every sequence at full length by default
             per_seq = -(-self.sched_config.max_model_len // block_size)
             num_blocks = per_seq * self.sched_config.max_num_seqs + 1  # + the graphs' null block
+        if enable_prefix_caching and backend == "reference":
+            raise ValueError("enable_prefix_caching needs the fast backend (the reference runner keeps a private "
+                             "KV cache per request)")
         self.cache = PagedKVCache(text, num_blocks, block_size, self.dtype, self.device,
-                                  with_pools=backend == "fast")
+                                  with_pools=backend == "fast",
+                                  enable_prefix_caching=backend == "fast" and enable_prefix_caching is not False)
         if backend == "fast":
             from ..fast import apply_fast_kernels
             apply_fast_kernels(model)
@@ -129,6 +138,9 @@ class Engine:
         if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.capacity:
             raise ValueError(f"the prompt ({len(ids)} tokens) does not fit in the KV cache")
         req = Request(request_id, ids, params, media=media)
+        if self.cache.prefix_caching:
+            req.media_keys = self.runtime.cache_keys(ids, media)
+            extend_block_hashes(req.block_hashes, ids, self.cache.block_size, req.media_keys)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
         req.detokenizer = IncrementalDetokenizer(self.tokenizer)
@@ -174,6 +186,7 @@ class Engine:
         logits = self.runner.run(requests, counts)
         for req, n in zip(requests, counts):
             req.num_computed += n
+            self.cache.commit(req.request_id, req.block_hashes)
         done = [i for i, r in enumerate(requests) if r.remaining == 0]  # the prompt (or chunk) is all in
         if done:
             picked = [requests[i] for i in done]
@@ -201,6 +214,8 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.output_ids.append(token)
+        if self.cache.prefix_caching and req.total_len % self.cache.block_size == 0:  # a block filled
+            extend_block_hashes(req.block_hashes, req.all_ids, self.cache.block_size, req.media_keys)
         if p.logprobs is not None:
             req.pending_logprobs.append({"token_id": token, "logprob": float(out.logprobs[row]),
                                          "top": out.top_logprobs[row] if out.top_logprobs else []})
@@ -266,6 +281,7 @@ def _merge(total: RequestOutput, out: RequestOutput) -> None:
     total.token_ids += out.token_ids
     total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
     total.prompt_tokens, total.completion_tokens = out.prompt_tokens, out.completion_tokens
+    total.cached_tokens = out.cached_tokens
     if out.logprobs:
         total.logprobs = (total.logprobs or []) + out.logprobs
 

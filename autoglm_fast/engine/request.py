@@ -29,6 +29,7 @@ class RequestOutput:
     completion_tokens: int = 0
     logprobs: list[dict] | None = None  # per new token: {"token_id", "logprob", "top": [(id, lp), ...]}
     error: str | None = None
+    cached_tokens: int = 0            # prompt tokens found in the prefix cache (not prefilled)
 
 
 @dataclass
@@ -52,10 +53,17 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     first_token_time: float | None = None
+    media_keys: list = field(default_factory=list)     # prefix caching: (position, media digest), from the family
+    block_hashes: list[bytes] = field(default_factory=list)  # content hashes of the full blocks so far
+    num_cached_tokens: int | None = None         # prompt tokens the prefix cache supplied at first admission
 
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def remaining(self) -> int:
@@ -74,4 +82,5 @@ class Request:
         self.sent_text, self.sent_tokens = end, len(self.output_ids)
         logprobs, self.pending_logprobs = self.pending_logprobs or None, []
         return RequestOutput(self.request_id, text, new_ids, self.status is Status.FINISHED, self.finish_reason,
-                             len(self.prompt_ids), len(self.output_ids), logprobs, self.error)
+                             len(self.prompt_ids), len(self.output_ids), logprobs, self.error,
+                             self.num_cached_tokens or 0)

@@ -95,20 +95,28 @@ class Scheduler:
             plan.requests.append(req)
             plan.num_tokens.append(1)
             budget -= 1
-        # Prefill: requests mid-prompt first (already running), then new or preempted ones.
+        # Prefill: requests mid-prompt first (already running), then new or preempted ones, which
+        # start on whatever the prefix cache holds of their sequence.
         candidates = [r for r in self.running if r.remaining > 1] + list(self.waiting)
         for req in candidates:
             if budget < 1 or len(plan.requests) >= self.config.max_num_seqs:
                 break
-            n = min(req.remaining, budget)
-            need = self.cache.blocks_needed(req.request_id, n)
+            fresh = req.status is Status.WAITING and req.num_computed == 0
+            cached = self.cache.find_cached(req.block_hashes, req.total_len) if fresh else []
+            n = min(req.remaining - len(cached) * self.cache.block_size, budget)
+            need = self.cache.blocks_needed(req.request_id, n, cached)
             if need > self.cache.num_free_blocks - reserved:
                 break  # first come, first served: nobody overtakes a request waiting for room
+            if fresh:
+                self.cache.share(req.request_id, cached, req.total_len)
+                req.num_computed = self.cache.seq_len(req.request_id)
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = req.num_computed
             if req.status is Status.WAITING:
                 self.waiting.remove(req)
                 self.running.append(req)
                 req.status = Status.RUNNING
-            reserved += need
+            reserved += self.cache.blocks_needed(req.request_id, n)
             plan.requests.append(req)
             plan.num_tokens.append(n)
             budget -= n

@@ -2,7 +2,9 @@
 
 Media are spliced at their placeholders once, at admission; every text token (prompt and generated)
 is gated-fused with the request's vision / audio summaries (`ModalContext`), so a generated token's
-embedding needs the request's context too (`step_embeds` fuses a step's decodes in one call).
+embedding needs the request's context too (`step_embeds` fuses a step's decodes in one call). For
+the same reason every token's K/V depends on all of the request's media, wherever they sit: the
+default `cache_keys` (all media, from the first token) is exactly right for prefix caching.
 """
 from __future__ import annotations
 

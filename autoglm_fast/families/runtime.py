@@ -6,6 +6,7 @@
     step_embeds(...)      a step's token embeddings, sequence after sequence
     rope_positions(...)   M-RoPE rows for a step's tokens, or None when the decoder's rotary uses the
                           plain positions
+    cache_keys(ids, media) which media each prompt position's K/V depends on (prefix caching)
     backbone, lm_head     the GLM decoder (paged cache, fast layers, graphs) and the output projection
 
 Everything else (scheduling, the paged cache, sampling, streaming) is the engine's and the same for
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from ..prefix_cache import MediaKeys, media_digest
 
 
 class FamilyRuntime(ABC):
@@ -89,3 +91,9 @@ class FamilyRuntime(ABC):
 
     def rope_positions(self, requests: list, num_tokens: list[int]) -> torch.Tensor | None:
         return None
+
+    def cache_keys(self, prompt_ids: list[int], media: dict) -> MediaKeys:
+        """[(position, digest)]: the K/V of every token from `position` on depends on that media item
+        (prefix_cache.py). The default is safe for any family: all the media, from the first token."""
+        digest = media_digest(media)
+        return [] if digest is None else [(0, digest)]

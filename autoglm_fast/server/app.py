@@ -161,7 +161,7 @@ class Server:
                                      chat.return_reasoning and not self.inline)
         lp = {"content": logprob_entries(self.engine.tokenizer, logprobs)} if chat.logprobs else None
         return completion(rid, self.model, message, out.finish_reason,
-                          usage(out.prompt_tokens, out.completion_tokens), lp)
+                          usage(out), lp)
 
     async def _stream(self, chat: ChatRequest, rid: str, out, gen):
         parser, separate = self._parser(chat)
@@ -187,8 +187,7 @@ class Server:
                 if out.finished:
                     yield _sse(chunk(rid, self.model, {}, out.finish_reason))
                     if chat.include_usage:
-                        yield _sse(chunk(rid, self.model, None, usage_=usage(out.prompt_tokens,
-                                                                             out.completion_tokens)))
+                        yield _sse(chunk(rid, self.model, None, usage_=usage(out)))
                     break
                 out = await gen.__anext__()
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, never hang

@@ -116,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
           help="reasoning as reasoning_content (separate) or kept as <think>...</think> in content")
     _flag(p, "--backend", choices=["fast", "reference"], help="default: fast where the kernels can run")
     _flag(p, "--device", help="default: cuda if available, else cpu")
+    _flag(p, "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+          help="prefill every prompt in full (default: reuse the KV blocks of earlier identical prefixes, "
+               "media included; the fast backend only)")
     v = p.add_argument_group("vLLM-compatible options", "accepted with vLLM's meaning; dashes or underscores")
     _flag(v, "--dtype", type=lambda s: DTYPES.get(s, s), choices=sorted(set(DTYPES.values())), default="auto",
           help="weights and activations (auto: the checkpoint's own, half = float16, float = float32)")
@@ -129,7 +132,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
           "auto: openai, what vLLM picks for GLM-4.1V's template")
     _flag(v, "--reasoning-parser", choices=["glm45", "none"], default="none",
           help="glm45: <think>...</think> goes to reasoning_content, as vLLM's; none: the text stays in content")
-    p.set_defaults(ignored_vllm_flags=[])
+    _flag(v, "--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+          help="on by default (the fast backend); an error with --backend reference")
+    _flag(v, "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+          help="same as --no-prefix-caching")
+    p.set_defaults(ignored_vllm_flags=[], enable_prefix_caching=None)
     for flag, kind in VLLM_NO_OP_FLAGS.items():
         names = (flag, "-tp") if flag == "--tensor-parallel-size" else (flag,)
         extra = {"nargs": 0} if kind is None else {"type": kind, "metavar": "X"}
@@ -151,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
     sched = SchedulerConfig(max_num_seqs=args.max_concurrency, max_model_len=args.max_model_len,
                             max_num_batched_tokens=max(2048, args.max_concurrency))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: the checkpoint's (bf16 / fp16)
-    kw = dict(device=args.device, backend=args.backend, scheduler=sched, dtype=dtype)
+    kw = dict(device=args.device, backend=args.backend, scheduler=sched, dtype=dtype,
+              enable_prefix_caching=args.enable_prefix_caching)
     # the family's request options, only where given (a family that has none says so)
     if args.mm_processor_kwargs:
         kw["mm_processor_kwargs"] = args.mm_processor_kwargs

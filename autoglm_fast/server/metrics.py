@@ -33,6 +33,7 @@ class Metrics:
         self.tpot = Histogram(TPOT_BUCKETS)
 
     def render(self, engine, in_flight: int) -> str:
+        cache = engine.cache
         lines = ["# HELP autoglm_requests_total Finished chat requests by outcome.",
                  "# TYPE autoglm_requests_total counter"]
         lines += [f'autoglm_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(self.requests.items())]
@@ -43,6 +44,15 @@ class Metrics:
                   "# TYPE autoglm_queue_depth gauge", f"autoglm_queue_depth {len(engine.scheduler.waiting)}",
                   "# TYPE autoglm_running_requests gauge", f"autoglm_running_requests {len(engine.scheduler.running)}",
                   "# TYPE autoglm_kv_free_blocks gauge", f"autoglm_kv_free_blocks {engine.cache.num_free_blocks}",
+                  "# TYPE autoglm_kv_cached_blocks gauge", f"autoglm_kv_cached_blocks {engine.cache.num_cached_blocks}",
+                  "# HELP autoglm_prefix_cache_queries_total Prompt tokens looked up in the prefix cache.",
+                  "# TYPE autoglm_prefix_cache_queries_total counter",
+                  f"autoglm_prefix_cache_queries_total {cache.prefix_queries}",
+                  "# HELP autoglm_prefix_cache_hits_total Prompt tokens found there (not prefilled).",
+                  "# TYPE autoglm_prefix_cache_hits_total counter", f"autoglm_prefix_cache_hits_total {cache.prefix_hits}",
+                  "# HELP autoglm_prefix_cache_hit_rate Hits over queries since the start (0 before any).",
+                  "# TYPE autoglm_prefix_cache_hit_rate gauge",
+                  f"autoglm_prefix_cache_hit_rate {cache.prefix_hits / max(1, cache.prefix_queries):.6g}",
                   "# HELP autoglm_time_to_first_token_seconds Arrival to first generated token.",
                   "# TYPE autoglm_time_to_first_token_seconds histogram"]
         lines += self.ttft.lines("autoglm_time_to_first_token_seconds")

@@ -207,8 +207,12 @@ def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(out) -> dict:
+    """A finished RequestOutput's usage, with the prompt tokens the prefix cache supplied (OpenAI's and
+    vLLM's `prompt_tokens_details.cached_tokens`)."""
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
 def logprob_entries(tokenizer, entries: list[dict]) -> list[dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...prefix_cache import tensor_digest
 from ..runtime import FamilyRuntime
 from .chat import expand_image_tokens, load_chat_template, render_chat
 from .image_processing import Glm4vImageProcessor
@@ -112,6 +113,19 @@ class Glm4vRuntime(FamilyRuntime):
             for slot, count in where:
                 parts[slot], start = embeds[start:start + count], start + count
         return torch.cat(parts)
+
+    def cache_keys(self, prompt_ids, media):
+        """Each image keys the blocks from its first placeholder on (the decoder is causal, and the
+        M-RoPE positions after an image follow from its grid, which its digest covers): a system prompt
+        and history before a new screenshot stay shared."""
+        grid = media.get("image_grid_thw")
+        starts = [i for i, t in enumerate(prompt_ids) if t == self.config.image_token_id
+                  and (i == 0 or prompt_ids[i - 1] != t)]
+        if grid is None or len(starts) != len(grid):
+            return super().cache_keys(prompt_ids, media)  # malformed: admission reports it; stay safe
+        rows = grid.prod(-1).tolist()
+        pixels = media["pixel_values"].split(rows)
+        return [(start, tensor_digest(p, g)) for start, p, g in zip(starts, pixels, grid)]
 
     def rope_positions(self, requests, num_tokens):
         rows = []
