@@ -38,6 +38,10 @@ class PagedAttentionMetadata:
     # M-RoPE (GLM-4.1V): int64 [3, num_tokens] (t, h, w) rotary positions, set by the engine; None: the
     # rotary embedding uses `positions`
     rope_positions: torch.Tensor | None = None
+    # A mixed step: its first num_decodes sequences add one token each (decode attention reads them),
+    # the rest are prefill chunks, whose cu_seqlens from 0 are prefill_query_start_loc
+    num_decodes: int = 0
+    prefill_query_start_loc: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -196,10 +200,10 @@ class PagedKVCache:
         self._committed[seq_id] = max(done, full)
 
     # ---- one step -------------------------------------------------------------------------------
-    def step(self, seq_ids: list, num_new_tokens: list[int]) -> PagedAttentionMetadata:
-        """Reserve pages for `num_new_tokens[i]` more tokens of each sequence (new ids start empty)
-        and describe the step for the kernels. All-or-nothing: out of blocks raises before anything
-        changes. Token rows are laid out sequence after sequence, in the order given."""
+    def append(self, seq_ids: list, num_new_tokens: list[int]) -> list[int]:
+        """Reserve pages for `num_new_tokens[i]` more tokens of each sequence (new ids start empty); returns
+        where each sequence's new tokens start. Host bookkeeping only. All-or-nothing: out of blocks
+        raises before anything changes."""
         if len(seq_ids) != len(num_new_tokens) or not seq_ids:
             raise ValueError("step needs one num_new_tokens entry per sequence, and at least one sequence")
         if len(set(seq_ids)) != len(seq_ids):
@@ -213,6 +217,16 @@ class PagedKVCache:
         for s, n in zip(seq_ids, num_new_tokens):
             self._reserve(s, n)
             self._lens[s] = self._lens.get(s, 0) + n
+        return starts
+
+    def blocks(self, seq_id) -> list[int]:
+        """A sequence's block table (the cache's own list: read, never modify)."""
+        return self._blocks.get(seq_id, [])
+
+    def step(self, seq_ids: list, num_new_tokens: list[int]) -> PagedAttentionMetadata:
+        """`append`, then describe the step for the kernels. Token rows are laid out sequence after
+        sequence, in the order given; decode rows (one new token) should come first (`num_decodes`)."""
+        starts = self.append(seq_ids, num_new_tokens)
         bs = self.block_size
         tables = [self._blocks[s] for s in seq_ids]
         width = max(len(t) for t in tables)
@@ -222,9 +236,13 @@ class PagedKVCache:
         loc = [0]
         for n in num_new_tokens:
             loc.append(loc[-1] + n)
+        num_decodes = next((i for i, n in enumerate(num_new_tokens) if n != 1), len(num_new_tokens))
         dev = self.device
         as_t = lambda x, dt: torch.tensor(x, dtype=dt, device=dev)  # noqa: E731
+        mixed = 0 < num_decodes < len(seq_ids)
         return PagedAttentionMetadata(
+            num_decodes=num_decodes,
+            prefill_query_start_loc=as_t([x - num_decodes for x in loc[num_decodes:]], torch.int32) if mixed else None,
             block_tables=as_t([t + [0] * (width - len(t)) for t in tables], torch.int32),
             seq_lens=as_t([self._lens[s] for s in seq_ids], torch.int32),
             query_start_loc=as_t(loc, torch.int32), positions=as_t(positions, torch.int64),

@@ -115,24 +115,17 @@ def token_counts(tokens: TokenLists, batch: int, vocab: int, device: torch.devic
     return counts[:, :vocab]
 
 
-def apply_penalties(logits: torch.Tensor, prompt_tokens: TokenLists | None, output_tokens: TokenLists,
-                    repetition: torch.Tensor, frequency: torch.Tensor,
-                    presence: torch.Tensor) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen: torch.Tensor,
+                    repetition: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
     """Penalize fp32 logits [B, V] with per-row [B] penalties (returns a new tensor).
 
-    Repetition (HF/vLLM rule) covers prompt + output tokens: a positive logit is divided by rp, a
-    negative one multiplied, so rp > 1 always makes a seen token less likely. Frequency (per
-    occurrence) and presence (once) cover output tokens only, OpenAI-style. `prompt_tokens=None`
-    means no prompt: the caller passes it when no row uses repetition, to skip counting prompts.
+    Repetition (HF/vLLM rule) covers the `seen` tokens [B, V] (prompt + output where a row uses it): a
+    positive logit is divided by rp, a negative one multiplied, so rp > 1 always makes a seen token less
+    likely. Frequency (per occurrence) and presence (once) cover the output counts [B, V] only, OpenAI-style.
     """
-    batch, vocab = logits.shape
-    out = token_counts(output_tokens, batch, vocab, logits.device)
-    seen = out > 0
-    if prompt_tokens is not None:
-        seen |= token_counts(prompt_tokens, batch, vocab, logits.device) > 0
     rp = repetition[:, None].to(logits.dtype)
     logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
-    return logits - frequency[:, None] * out - presence[:, None] * (out > 0)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -156,79 +149,178 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-class Sampler:
-    """Picks one next token per running request. `eos_token_ids` are masked (with each request's
-    stop_token_ids) until the request has `min_tokens` outputs."""
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which stages a batch's sampling runs, from its rows' settings (host data only). Each distinct plan
+    is one static program, so a CUDA graph can be captured per plan: a greedy batch never sorts the
+    vocabulary. `seeded` rows draw from their own torch.Generator, which a graph cannot replay: such a
+    batch samples eagerly (the per-batch fallback)."""
+    penalties: bool = False    # frequency / presence / repetition
+    repetition: bool = False   # repetition needs the prompt's tokens too
+    sampled: bool = False      # some row is not greedy
+    filters: bool = False      # top-k / top-p / min-p on a sampled row
+    min_tokens: bool = False   # some row may not stop yet
+    logprobs: int = -1         # top logprobs to return (0: the chosen token's only; -1: none)
+    seeded: bool = False
 
-    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
-        self.eos_token_ids = set(eos_token_ids)
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], below_min: Sequence[bool] = ()) -> "SamplingPlan":
+        sampled = [p for p in params if not p.is_greedy]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+                                 for p in params),
+                   repetition=any(p.repetition_penalty != 1 for p in params), sampled=bool(sampled),
+                   filters=any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in sampled),
+                   min_tokens=any(below_min), logprobs=max(asked, default=-1),
+                   seeded=any(p.seed is not None for p in sampled))
 
-    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               prompt_tokens: TokenLists, output_tokens: Sequence[Sequence[int]],
-               generators: Sequence[torch.Generator | None]) -> SampleOutput:
-        batch, vocab = logits.shape
-        if not len(params) == len(output_tokens) == len(generators) == batch:
-            raise ValueError(f"params, output_tokens and generators need one entry per logits row "
-                             f"({batch}), got {len(params)}, {len(output_tokens)}, {len(generators)}")
-        dev = logits.device
-        logits = logits.to(torch.float32, copy=True)   # never touch the caller's tensor
-        want_logprobs = any(p.logprobs is not None for p in params)
-        raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
 
-        # All per-row settings in one host -> device copy.
-        table = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
-                               p.frequency_penalty, p.presence_penalty] for p in params],
-                             dtype=torch.float32).to(dev)
-        temp, top_k, top_p, min_p, rep, freq, pres = table.unbind(1)
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor                   # int64 [B]
+    logprobs: torch.Tensor | None          # fp32 [B]: chosen token under the raw logits; None if no row asked
+    top_logprobs: list[list[tuple[int, float]]] | None  # per row, best first; [] where not asked
+    top_values: torch.Tensor | None = None  # fp32 [B, plan.logprobs], the device form of top_logprobs
+    top_ids: torch.Tensor | None = None
 
-        self._mask_early_stops(logits, params, output_tokens)
-        if any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-               for p in params):
-            uses_rep = any(p.repetition_penalty != 1 for p in params)
-            logits = apply_penalties(logits, prompt_tokens if uses_rep else None, output_tokens,
-                                     rep, freq, pres)
 
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request RNG: the request's draws depend on its seed alone, not on its batch mates."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class SamplingTable:
+    """Per-row sampling state on the device, as vLLM's persistent batch keeps it: each running request
+    owns a row, written once when it takes the row, and a step samples any rows by index - with no
+    host data, so the whole decode step, sampling included, can be one CUDA graph. The step's own
+    bookkeeping (the row's last token, its output-token counts for the penalties) is done on the device
+    by `sample` itself."""
+
+    def __init__(self, num_rows: int, vocab: int, device: torch.device | str, eos_token_ids: Iterable[int] = (),
+                 never_sample: Iterable[int] = ()):
+        """never_sample: ids no row may pick (input-only placeholders), masked before anything else."""
+        dev = torch.device(device)
+        self.eos_token_ids, self.vocab, self.device = set(eos_token_ids), vocab, dev
+        self.settings = torch.zeros(num_rows, 7, dtype=torch.float32, device=dev)  # see set_row
+        self.output_counts = torch.zeros(num_rows, vocab, dtype=torch.int32, device=dev)
+        self.prompt_seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=dev)
+        self.stop_mask = torch.zeros(num_rows, vocab, dtype=torch.bool, device=dev)  # blocked below min_tokens
+        self.last_token = torch.zeros(num_rows, dtype=torch.int64, device=dev)
+        self.never = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        self.never[[t for t in never_sample if 0 <= t < vocab]] = True
+
+    def set_row(self, row: int, params: SamplingParams, prompt_ids: Sequence[int],
+                output_ids: Sequence[int] = ()) -> None:
+        """Give a request row `row` (a new one, or one resuming after preemption with its outputs)."""
+        p, dev = params, self.device
+        self.settings[row] = torch.tensor([p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty,
+                                           p.frequency_penalty, p.presence_penalty])
+        self.output_counts[row] = token_counts([output_ids], 1, self.vocab, dev)[0]
+        self.prompt_seen[row] = False
+        if p.repetition_penalty != 1:
+            self.prompt_seen[row] = token_counts([prompt_ids], 1, self.vocab, dev)[0] > 0
+        self.stop_mask[row] = False
+        stops = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids) if t < self.vocab]
+        if p.min_tokens and stops:
+            self.stop_mask[row, stops] = True
+        self.last_token[row] = output_ids[-1] if output_ids else 0
+
+    def sample(self, logits: torch.Tensor, rows: torch.Tensor, plan: SamplingPlan,
+               below_min: torch.Tensor | None = None,
+               generators: Sequence[torch.Generator | None] | None = None) -> SampleOutput:
+        """Next tokens for logits [B, V] of rows `rows` [B] (device int64), in vLLM's order: raw logits
+        (fp32) -> never_sample -> min_tokens masking -> repetition / frequency / presence penalties ->
+        greedy rows take argmax -> temperature -> top-k -> top-p -> min-p -> an exponential race.
+        below_min [B] bool: rows short of min_tokens (plan.min_tokens). generators: per row, for seeded
+        rows (eager only). No host synchronization: the outputs stay on the device."""
+        logits = logits.to(torch.float32, copy=True)  # never touch the caller's tensor
+        logits.masked_fill_(self.never, float("-inf"))
+        raw_logprobs = logits.log_softmax(-1) if plan.logprobs >= 0 else None
+        temp, top_k, top_p, min_p, rep, freq, pres = self.settings[rows].unbind(1)
+        if plan.min_tokens:
+            logits.masked_fill_(self.stop_mask[rows] & below_min[:, None], float("-inf"))
+        if plan.penalties:
+            counts = self.output_counts[rows]
+            seen = (counts > 0) | self.prompt_seen[rows] if plan.repetition else counts > 0
+            logits = apply_penalties(logits, counts, seen, rep, freq, pres)
         tokens = logits.argmax(-1)
-        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if sampled_rows:
+        if plan.sampled:
             is_greedy = temp < _EPS
             logits.div_(torch.where(is_greedy, 1.0, temp)[:, None])
-            if any(params[i].top_k > 0 or params[i].top_p < 1 or params[i].min_p > 0
-                   for i in sampled_rows):
+            if plan.filters:
                 logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
             probs = logits.softmax(-1)
             # Exponential race: argmax(p / E), E ~ Exp(1) iid, is an exact draw from p. Unlike
             # multinomial, the noise is a plain tensor, so seeded rows draw theirs from their own
             # generator (V numbers per step, whatever the batch) and the rest in one call.
             noise = torch.empty_like(probs).exponential_()
-            for i in sampled_rows:
-                if generators[i] is not None:
-                    noise[i].exponential_(generator=generators[i])
+            for i, g in enumerate(generators or ()):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
             tokens = torch.where(is_greedy, tokens, probs.div_(noise).argmax(-1))
-
+        self.last_token[rows] = tokens
+        self.output_counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
         if raw_logprobs is None:
             return SampleOutput(tokens, None, None)
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top: list[list[tuple[int, float]]] = [[] for _ in params]
-        n = min(max(p.logprobs or 0 for p in params), vocab)
-        if n:
-            values, ids = raw_logprobs.topk(n, dim=-1)
-            values, ids = values.tolist(), ids.tolist()
-            top = [list(zip(ids[i][:p.logprobs], values[i][:p.logprobs])) if p.logprobs else []
-                   for i, p in enumerate(params)]
-        return SampleOutput(tokens, chosen, top)
+        values = ids = None
+        if plan.logprobs > 0:
+            values, ids = raw_logprobs.topk(min(plan.logprobs, self.vocab), dim=-1)
+        return SampleOutput(tokens, chosen, None, values, ids)
 
-    def _mask_early_stops(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                          output_tokens: Sequence[Sequence[int]]) -> None:
-        """In place: rows short of min_tokens cannot pick a stop token (EOS unless ignore_eos,
-        where EOS is no stop anyway, and their stop_token_ids)."""
-        rows: list[int] = []
-        cols: list[int] = []
+
+def pack(out: SampleOutput) -> torch.Tensor:
+    """A step's sampled tokens and logprobs as one fp64 tensor [B, 1 (+1 (+2k))] (ids are exact in fp64),
+    so that one device-to-host read brings everything back."""
+    cols = [out.tokens.double()[:, None]]
+    if out.logprobs is not None:
+        cols.append(out.logprobs.double()[:, None])
+    if out.top_ids is not None:
+        cols += [out.top_ids.double(), out.top_values.double()]
+    return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+
+
+def unpack(row: list[float], params: SamplingParams) -> tuple[int, float | None, list[tuple[int, float]]]:
+    """One row of `pack(...).tolist()`: (token, its logprob or None, [(id, logprob)] best first)."""
+    token = int(row[0])
+    if params.logprobs is None:
+        return token, None, []
+    k = (len(row) - 2) // 2
+    top = list(zip((int(i) for i in row[2:2 + k]), row[2 + k:]))[:params.logprobs]
+    return token, row[1], top
+
+
+def top_logprob_lists(params: Sequence[SamplingParams], values: list | None, ids: list | None) -> list:
+    """Per row, [(id, logprob)] best first, as many as the row asked for (host lists of the top tensors)."""
+    return [list(zip(ids[i][:p.logprobs], values[i][:p.logprobs])) if p.logprobs and ids else []
+            for i, p in enumerate(params)]
+
+
+class Sampler:
+    """One-shot sampling of a batch given as host lists (tests, tools): a SamplingTable with a row per
+    logits row, then the very code the engine runs on its persistent rows. `eos_token_ids` are masked
+    (with each request's stop_token_ids) until the request has `min_tokens` outputs."""
+
+    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
+        self.eos_token_ids = set(eos_token_ids)
+
+    def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+               prompt_tokens: Sequence[Sequence[int]], output_tokens: Sequence[Sequence[int]],
+               generators: Sequence[torch.Generator | None]) -> SampleOutput:
+        batch, vocab = logits.shape
+        if not len(params) == len(output_tokens) == len(generators) == batch:
+            raise ValueError(f"params, output_tokens and generators need one entry per logits row "
+                             f"({batch}), got {len(params)}, {len(output_tokens)}, {len(generators)}")
+        table = SamplingTable(batch, vocab, logits.device, self.eos_token_ids)
         for i, p in enumerate(params):
-            if len(output_tokens[i]) < p.min_tokens:
-                ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                ids = [t for t in ids if t < logits.shape[1]]
-                rows += [i] * len(ids)
-                cols += ids
-        if rows:
-            logits[rows, cols] = float("-inf")
+            table.set_row(i, p, prompt_tokens[i], output_tokens[i])
+        below = [len(output_tokens[i]) < p.min_tokens for i, p in enumerate(params)]
+        rows = torch.arange(batch, device=logits.device)
+        out = table.sample(logits, rows, SamplingPlan.of(params, below), torch.tensor(below, device=logits.device),
+                           generators)
+        if out.logprobs is not None:
+            lists = (None, None) if out.top_ids is None else (out.top_values.tolist(), out.top_ids.tolist())
+            out.top_logprobs = top_logprob_lists(params, *lists)
+        return out

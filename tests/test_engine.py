@@ -126,7 +126,7 @@ def test_a_failed_capture_falls_back_to_eager_decoding_and_says_so(reference_thr
     engine = _engine("fast", cuda_graphs=True)
     graphs = _capturing(engine)
 
-    def fail(Bp):
+    def fail(key):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "_capture", fail)
@@ -143,9 +143,11 @@ def test_replayed_decode_steps_are_counted(reference_three, monkeypatch):
     engine = _engine("fast", cuda_graphs=True)
     graphs = _capturing(engine)
 
-    def capture(Bp):
-        out = graphs._forward(Bp)
-        graphs.graphs[Bp] = (type("Graph", (), {"replay": lambda self: out.copy_(graphs._forward(Bp))})(), out)
+    def capture(key):  # as a real capture: the warm-up's effects on the batch's device state are undone
+        saved = graphs._device_state()
+        out = graphs._step(*key)
+        graphs._restore(saved)
+        graphs.graphs[key] = (type("Graph", (), {"replay": lambda self: out.copy_(graphs._step(*key))})(), out)
 
     monkeypatch.setattr(graphs, "_capture", capture)
     _same(_three(engine), reference_three)

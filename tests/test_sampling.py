@@ -128,13 +128,18 @@ def test_penalty_formulas_by_hand():
     rep = torch.tensor([2.0, 1.0])
     freq = torch.tensor([0.0, 0.5])
     pres = torch.tensor([0.0, 0.25])
-    out = apply_penalties(logits, prompts, outputs, rep, freq, pres)
+    out_counts = token_counts(outputs, 2, 5, torch.device("cpu"))
+    seen = (out_counts > 0) | (token_counts(prompts, 2, 5, torch.device("cpu")) > 0)
+    out = apply_penalties(logits, out_counts, seen, rep, freq, pres)
     # Row 0: repetition 2 on prompt+output {0, 1, 2}: positive / 2, negative * 2.
     assert out[0].tolist() == [1.0, -4.0, 0.5, -1.0, 0.5]
     # Row 1: output counts {1: 3, 4: 1}; the prompt token 0 is not frequency/presence penalized.
     assert out[1].tolist() == pytest.approx([2.0, -2.0 - 1.5 - 0.25, 1.0, -1.0, 0.5 - 0.5 - 0.25])
     padded = torch.tensor([[0, 1], [0, -1]])             # tensor form: -1 is padding
-    assert apply_penalties(logits, padded, outputs, rep, freq, pres).equal(out)
+    assert token_counts(padded, 2, 5, torch.device("cpu")).equal(token_counts(prompts, 2, 5, torch.device("cpu")))
+    assert Sampler().sample(logits, [SamplingParams.greedy(repetition_penalty=2.0, logprobs=0),
+                                     SamplingParams.greedy(frequency_penalty=0.5, presence_penalty=0.25, logprobs=0)],
+                            prompts, outputs, [None, None]).tokens.tolist() == out.argmax(-1).tolist()
     assert token_counts([[3, 3], []], 2, 5, torch.device("cpu")).tolist() == [
         [0, 0, 0, 2, 0], [0] * 5]
 

@@ -1,11 +1,20 @@
-"""Decode steps from captured CUDA graphs, at bucketed batch sizes (the gpt-fast / vLLM practice).
+"""Whole decode steps from captured CUDA graphs, at bucketed batch sizes (the gpt-fast / vLLM practice).
 
-A decode step's backbone forward reads only static buffers: token embeddings, positions (and the
-M-RoPE rows, for GLM-4.1V), cache slots, block tables and context lengths, padded to the bucket. Padded rows point at a reserved
-"null" page (they write their K/V there and attend to it alone), so they never touch a real
-sequence. The split-K decode kernel is launched for `max_model_len`, so its grid does not change
-from step to step; splits past a sequence's end exit at once. Everything that needs the host
-(embedding with media summaries, the cache's block bookkeeping) happens before the replay.
+One graph is one decode step, end to end: it applies the step's block-table diffs, gathers each row's
+last token, block table and family constants from the persistent batch (batch.py), embeds (and, for
+the seed model, gated-fuses) the tokens, runs every layer and the final norm, `lm_head` and sampling
+(temperature, top-k/p, min-p, penalties, min_tokens, logprobs), and writes each row's new token and
+counts back. Its only input is the step's staged host integers (one non-blocking copy); its only output
+is one packed tensor of tokens (and logprobs), read back once. A graph is captured per (bucket,
+SamplingPlan): a greedy batch never sorts the vocabulary.
+
+Padded rows read the null row, whose block table points at the cache's reserved null block: they write
+their K/V there and attend to it alone, so they never touch a real sequence. The split-K decode kernel
+is launched for `max_model_len`, so its grid does not change from step to step; splits past a
+sequence's end exit at once.
+
+Seeded sampling rows draw from their own torch.Generator, which a graph cannot replay: a batch with
+one samples eagerly after a graph that ends at the logits (a per-batch fallback; SamplingPlan.seeded).
 
 Without CUDA (tests), the same static-buffer path runs eagerly: what the graphs would replay.
 
@@ -22,6 +31,8 @@ import torch
 
 from ..families.runtime import FamilyRuntime
 from ..paged_cache import PagedAttentionMetadata, PagedKVCache
+from ..sampling import SamplingPlan, pack
+from .batch import BELOW_MIN, DIFF_BLOCK, DIFF_COL, DIFF_ROW, POSITIONS, ROWS, PersistentBatch
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 
@@ -35,24 +46,15 @@ class GraphState:
 
 
 class DecodeGraphs:
-    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, max_model_len: int,
-                 max_batch: int, capture: bool | None = None):
-        self.runtime, self.cache, self.max_model_len = runtime, cache, max_model_len
+    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, batch: PersistentBatch, max_model_len: int,
+                 capture: bool | None = None):
+        self.runtime, self.cache, self.batch, self.max_model_len = runtime, cache, batch, max_model_len
+        max_batch = batch.capacity
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.capture = torch.cuda.is_available() if capture is None else capture
-        self.null_block = cache.reserve_null_block()
-        bs, dev, B = cache.block_size, cache.device, self.buckets[-1]
-        width = -(-max_model_len // bs)
-        H = runtime.text.hidden_size
-        self.embeds = torch.zeros(1, B, H, dtype=runtime.lm_head.weight.dtype, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
-        rows = runtime.text.position_rows
-        self.rope = torch.zeros(rows, B, dtype=torch.int64, device=dev) if rows > 1 else None
-        self.slots = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.tables = torch.zeros(B, width, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(B, dtype=torch.int32, device=dev)
-        self.loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        batch.set_null_block(cache.reserve_null_block())
+        self.loc = torch.arange(max_batch + 1, dtype=torch.int32, device=cache.device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.failure: str | None = None  # why capture fell back to eager decoding
         self.replays = 0
@@ -69,61 +71,83 @@ class DecodeGraphs:
             status, reason = "off", "no CUDA: the static buffers run eagerly"
         else:
             status, reason = ("captured" if self.graphs else "pending"), None
-        return GraphState(status, reason, self.replays, tuple(sorted(self.graphs)))
+        return GraphState(status, reason, self.replays, tuple(sorted({k[0] for k in self.graphs})))
 
-    def run(self, meta: PagedAttentionMetadata, embeds: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, H] of a decode step whose metadata the cache just built."""
-        B = meta.num_seqs
+    def run(self, requests, plan: SamplingPlan, generators=None) -> list[list[float]]:
+        """Decode one token for each request (its last token is in the batch, its new block reserved);
+        returns `pack`'s rows as host lists: the step's single device-to-host read."""
+        B = len(requests)
         Bp = next(b for b in self.buckets if b >= B)
-        null = self.null_block
-        self.embeds[0, :B].copy_(embeds)
-        self.embeds[0, B:Bp].zero_()
-        self.positions[:B].copy_(meta.positions)
-        self.positions[B:Bp] = 0
-        if self.rope is not None:
-            self.rope[:, :B].copy_(meta.rope_positions)
-            self.rope[:, B:Bp] = 0
-        self.slots[:B].copy_(meta.slot_mapping)
-        self.slots[B:Bp] = null * self.cache.block_size
-        self.tables.fill_(null)
-        self.tables[:B, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.lens[:B].copy_(meta.seq_lens)
-        self.lens[B:Bp] = 1
-        hidden = self._replay(Bp) if self.capture else self._forward(Bp)
-        return hidden[0, :B]
+        below = [len(r.output_ids) < r.params.min_tokens for r in requests]
+        self.batch.stage(requests, [r.num_computed for r in requests], below, Bp)
+        if plan.seeded:  # the graph stops at the logits; the seeded rows' generators sample eagerly
+            logits = self._launch((Bp, None))
+            staged = self.batch.staged[:, :Bp]
+            gens = list(generators) + [None] * (Bp - B)
+            packed = pack(self.batch.sampling.sample(logits, staged[ROWS], plan, staged[BELOW_MIN].bool(), gens))
+        else:
+            packed = self._launch((Bp, plan))
+        return packed[:B].tolist()
 
-    def _forward(self, Bp: int) -> torch.Tensor:
-        rope = None if self.rope is None else self.rope[:, :Bp]
-        meta = PagedAttentionMetadata(self.tables[:Bp], self.lens[:Bp], self.loc[:Bp + 1], self.positions[:Bp],
-                                      self.slots[:Bp], max_query_len=1, max_seq_len=self.max_model_len,
-                                      rope_positions=rope)
-        return self.runtime.backbone(self.embeds[:, :Bp], self.positions[:Bp][None], self.cache.layer_caches(meta),
-                                     rope_positions=None if rope is None else rope[:, None])
+    def _launch(self, key: tuple) -> torch.Tensor:
+        return self._replay(key) if self.capture else self._step(*key)
 
-    def _replay(self, Bp: int) -> torch.Tensor:
-        if Bp not in self.graphs:
+    def _step(self, Bp: int, plan: SamplingPlan | None) -> torch.Tensor:
+        """The decode step the graph holds: packed samples, or the logits when plan is None."""
+        b, bs = self.batch, self.cache.block_size
+        staged = b.staged[:, :Bp]
+        rows, pos = staged[ROWS], staged[POSITIONS]
+        b.block_tables.index_put_((staged[DIFF_ROW], staged[DIFF_COL]), staged[DIFF_BLOCK].to(torch.int32))
+        tables = b.block_tables[rows]
+        slots = tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
+        rope = b.inputs.rope_positions(pos, rows)
+        meta = PagedAttentionMetadata(tables, (pos + 1).to(torch.int32), self.loc[:Bp + 1], pos, slots,
+                                      max_query_len=1, max_seq_len=self.max_model_len, rope_positions=rope,
+                                      num_decodes=Bp)
+        embeds = b.inputs.embeds(b.sampling.last_token[rows], rows)
+        hidden = self.runtime.backbone(embeds[None], pos[None], self.cache.layer_caches(meta),
+                                       rope_positions=None if rope is None else rope[:, None])
+        logits = self.runtime.lm_head(hidden[0])
+        if plan is None:
+            return logits
+        return pack(b.sampling.sample(logits, rows, plan, staged[BELOW_MIN].bool()))
+
+    def _replay(self, key: tuple) -> torch.Tensor:
+        if key not in self.graphs:
             try:
-                self._capture(Bp)
+                self._capture(key)
             except RuntimeError as e:  # a capture failure must cost speed, never the request
-                self.failure = f"capture at batch {Bp} failed: {type(e).__name__}: {e}"
+                self.failure = f"capture at batch {key[0]} failed: {type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph {self.failure}; decoding eagerly from now on", RuntimeWarning)
                 self.capture = False
-                return self._forward(Bp)
-        graph, out = self.graphs[Bp]
+                return self._step(*key)
+        graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1
         return out
 
-    def _capture(self, Bp: int) -> None:
+    def _capture(self, key: tuple) -> None:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        # Warm-up and capture run the step for real: keep the batch's device state as it was.
+        saved = self._device_state()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: Triton compiles, cuBLAS picks its kernels
             for _ in range(2):
-                self._forward(Bp)
+                self._step(*key)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(Bp)
-        self.graphs[Bp] = (graph, out)
+            out = self._step(*key)
+        self._restore(saved)
+        self.graphs[key] = (graph, out)
+
+    def _device_state(self) -> list[torch.Tensor]:
+        s = self.batch.sampling
+        return [t.clone() for t in (s.last_token, s.output_counts)]
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        s = self.batch.sampling
+        for t, old in zip((s.last_token, s.output_counts), saved):
+            t.copy_(old)

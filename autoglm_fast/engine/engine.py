@@ -21,8 +21,9 @@ from ..families import family_for_checkpoint, family_for_model, family_for_prese
 from ..kernels.utils import device_supported
 from ..paged_cache import PagedKVCache
 from ..prefix_cache import extend_block_hashes
-from ..sampling import Sampler, SamplingParams, make_generator
+from ..sampling import SamplingParams, SamplingPlan, make_generator, pack, unpack
 from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
+from .batch import PersistentBatch
 from .request import Request, RequestOutput, Status
 from .runner import FastRunner, ReferenceRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -63,20 +64,20 @@ class Engine:
         self.cache = PagedKVCache(text, num_blocks, block_size, self.dtype, self.device,
                                   with_pools=backend == "fast",
                                   enable_prefix_caching=backend == "fast" and enable_prefix_caching is not False)
+        self.batch = PersistentBatch(self.runtime, self.cache, self.sched_config.max_num_seqs,
+                                     self.sched_config.max_model_len, self.tokenizer.eos_token_ids)
         if backend == "fast":
             from ..fast import apply_fast_kernels
             apply_fast_kernels(model)
             graphs = None
             if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
                 from .cuda_graphs import DecodeGraphs
-                graphs = DecodeGraphs(self.runtime, self.cache, self.sched_config.max_model_len,
-                                      self.sched_config.max_num_seqs, capture=self.device.type == "cuda")
+                graphs = DecodeGraphs(self.runtime, self.cache, self.batch, self.sched_config.max_model_len,
+                                      capture=self.device.type == "cuda")
             self.runner = FastRunner(self.runtime, self.cache, graphs)
         else:
             self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids)
-        self._never_sample = self.runtime.never_sample
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -174,30 +175,48 @@ class Engine:
         plan = self.scheduler.schedule()
         for req in plan.preempted:
             self.runner.release(req)
-        requests, counts = [], []
+            self.batch.remove(req)
+        decodes, chunks = [], []  # decode rows first: attention splits a mixed step there
         for req, n in zip(plan.requests, plan.num_tokens):
             if req.prompt_embeds is None and not self._admit(req):
                 continue
-            requests.append(req)
-            counts.append(n)
+            self.batch.add(req)
+            (decodes if n == 1 else chunks).append((req, n))
         outputs = [self._finalize(r) for r in list(self.requests.values()) if r.status is Status.FINISHED]
-        if not requests:
+        if not decodes and not chunks:
             return outputs
-        logits = self.runner.run(requests, counts)
+        requests, counts = [r for r, _ in decodes + chunks], [n for _, n in decodes + chunks]
+        generating = not chunks and all(r.num_computed >= len(r.prompt_ids) for r in requests)
+        if generating and self.runner.can_decode(requests):  # the whole step on the device
+            sampled = requests
+            rows = self.runner.decode(requests, SamplingPlan.of([r.params for r in requests], self._below_min(requests)),
+                                      [r.generator for r in requests])
+        else:
+            if self.runner.graphs is not None:
+                self.batch.sync_block_tables(requests)
+            logits = self.runner.run(requests, counts)
+            sampled = [r for r, n in zip(requests, counts) if r.remaining == n]  # the prompt (or chunk) is all in
+            rows = self._sample(logits[[i for i, (r, n) in enumerate(zip(requests, counts)) if r.remaining == n]],
+                                sampled) if sampled else []
         for req, n in zip(requests, counts):
             req.num_computed += n
             self.cache.commit(req.request_id, req.block_hashes)
-        done = [i for i, r in enumerate(requests) if r.remaining == 0]  # the prompt (or chunk) is all in
-        if done:
-            picked = [requests[i] for i in done]
-            step_logits = logits[done]
-            step_logits[:, self._never_sample] = float("-inf")
-            out = self.sampler.sample(step_logits, [r.params for r in picked], [r.prompt_ids for r in picked],
-                                      [r.output_ids for r in picked], [r.generator for r in picked])
-            for j, req in enumerate(picked):
-                self._append(req, int(out.tokens[j]), out, j)
-                outputs.append(self._finalize(req) if req.status is Status.FINISHED else req.take_output())
+        for req, row in zip(sampled, rows):
+            self._append(req, *unpack(row, req.params))
+            outputs.append(self._finalize(req) if req.status is Status.FINISHED else req.take_output())
         return outputs
+
+    def _below_min(self, requests: list[Request]) -> list[bool]:
+        return [len(r.output_ids) < r.params.min_tokens for r in requests]
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[list[float]]:
+        """Eager sampling of the rows of a prefill or mixed step (one read-back)."""
+        below = self._below_min(requests)
+        dev = logits.device
+        out = self.batch.sampling.sample(logits, torch.tensor(self.batch.rows(requests), device=dev),
+                                         SamplingPlan.of([r.params for r in requests], below),
+                                         torch.tensor(below, device=dev), [r.generator for r in requests])
+        return pack(out).tolist()
 
     def _admit(self, req: Request) -> bool:
         """The family's encoders once per request (a failure ends that request alone)."""
@@ -209,7 +228,7 @@ class Engine:
             self._release(req)
             return False
 
-    def _append(self, req: Request, token: int, out, row: int) -> None:
+    def _append(self, req: Request, token: int, logprob: float | None, top: list) -> None:
         p = req.params
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
@@ -217,8 +236,7 @@ class Engine:
         if self.cache.prefix_caching and req.total_len % self.cache.block_size == 0:  # a block filled
             extend_block_hashes(req.block_hashes, req.all_ids, self.cache.block_size, req.media_keys)
         if p.logprobs is not None:
-            req.pending_logprobs.append({"token_id": token, "logprob": float(out.logprobs[row]),
-                                         "top": out.top_logprobs[row] if out.top_logprobs else []})
+            req.pending_logprobs.append({"token_id": token, "logprob": logprob, "top": top})
         is_eos = token in self.tokenizer.eos_token_ids and not p.ignore_eos
         before = len(req.text)
         if not is_eos:
@@ -242,6 +260,7 @@ class Engine:
     def _release(self, req: Request) -> None:
         self.scheduler.remove(req)
         self.runner.release(req)
+        self.batch.remove(req)
 
     # ---- convenience -------------------------------------------------------------------------------------
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,

@@ -1,9 +1,12 @@
 """Model runners: turn a step plan into next-token logits, one row per planned request.
 
 FastRunner packs every planned token (prefill chunks and decodes alike) into one [1, N, H] batch on
-the paged KV cache and runs the Triton backbone once. ReferenceRunner runs the eager model request
-by request, each with its own contiguous KVCache: slow, simple, and the yardstick. Both reach the
-model only through its family's runtime (families/runtime.py).
+the paged KV cache and runs the Triton backbone once; decode rows come first, and attention sends
+them to the decode kernel and the chunks to the prefill kernel. A step of decodes alone goes to
+`decode` instead: the whole step, sampling included, in one CUDA graph (cuda_graphs.py).
+ReferenceRunner runs the eager model request by request, each with its own contiguous KVCache:
+slow, simple, and the yardstick. Both reach the model only through its family's runtime
+(families/runtime.py).
 """
 from __future__ import annotations
 
@@ -24,13 +27,19 @@ class FastRunner:
     def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, graphs=None):
         self.runtime, self.cache, self.graphs = runtime, cache, graphs  # graphs: DecodeGraphs or None
 
+    def can_decode(self, requests: list[Request]) -> bool:
+        return self.graphs is not None and len(requests) <= self.graphs.max_batch
+
+    def decode(self, requests: list[Request], plan, generators) -> list[list[float]]:
+        """A step of decodes alone (can_decode): packed samples per request (sampling.pack)."""
+        self.cache.append([r.request_id for r in requests], [1] * len(requests))
+        return self.graphs.run(requests, plan, generators)
+
     def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
         rt = self.runtime
         meta = self.cache.step([r.request_id for r in requests], num_tokens)
         meta.rope_positions = rt.rope_positions(requests, num_tokens)
         embeds = rt.step_embeds(requests, num_tokens)[None]
-        if self.graphs is not None and meta.is_decode and meta.num_seqs <= self.graphs.max_batch:
-            return rt.lm_head(self.graphs.run(meta, embeds[0]))
         hidden = rt.backbone(embeds, meta.positions[None], self.cache.layer_caches(meta),
                              rope_positions=_rope_batch(meta.rope_positions))
         last = meta.query_start_loc[1:].long() - 1  # each request's last new token
@@ -41,9 +50,14 @@ class FastRunner:
 
 
 class ReferenceRunner:
+    graphs = None
+
     def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, max_model_len: int):
         self.runtime, self.cache, self.max_model_len = runtime, cache, max_model_len
         self.kv: dict[str, list[KVCache]] = {}
+
+    def can_decode(self, requests: list[Request]) -> bool:
+        return False
 
     def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
         self.cache.step([r.request_id for r in requests], num_tokens)  # the same block accounting as fast

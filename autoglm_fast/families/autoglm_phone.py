@@ -15,7 +15,7 @@ from ..chat import render_chat
 from ..reference.audio_processing import load_audio, preprocess_audio
 from ..reference.image_processing import load_image, preprocess_images
 from ..reference.model import AutoGLMPhoneForCausalLM, ModalContext
-from .runtime import FamilyRuntime
+from .runtime import DecodeInputs, FamilyRuntime
 
 
 class AutoGLMPhoneRuntime(FamilyRuntime):
@@ -32,6 +32,9 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
     @property
     def never_sample(self) -> list[int]:
         return [self.config.image_token_id, self.config.audio_token_id]
+
+    def decode_inputs(self, num_rows: int) -> DecodeInputs:
+        return FusedDecodeInputs(self, num_rows)
 
     def drop_encoders(self, vision: bool = True, audio: bool = True) -> None:
         m = self.model
@@ -134,3 +137,25 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
                 raise ValueError("this engine was built with load_audio=False: audio inputs are not available")
             media["input_features"], media["num_samples"] = preprocess_audio(clips, self.config.audio)
         return media
+
+
+class FusedDecodeInputs(DecodeInputs):
+    """Each row keeps its request's media summaries (made once, at admission): a generated token is its
+    embedding gated-fused with them, in one fusion launch for the whole step."""
+
+    def __init__(self, runtime: AutoGLMPhoneRuntime, num_rows: int):
+        super().__init__(runtime, num_rows)
+        weight = runtime.embed_tokens.weight
+        self.context = ModalContext.empty(num_rows, weight.shape[1], weight)
+
+    def set_row(self, row: int, req) -> None:
+        for name in ("vision", "audio", "has_vision", "has_audio"):
+            getattr(self.context, name)[row] = getattr(req.state, name)[0]
+
+    def embeds(self, ids, rows):
+        model = self.runtime.model
+        embeds = self.runtime.embed_tokens(ids)[:, None]
+        if not model.config.fusion.enabled:
+            return embeds[:, 0]
+        c = self.context.select(rows)
+        return model.fusion(embeds, c.vision, c.audio, c.has_vision, c.has_audio)[:, 0]

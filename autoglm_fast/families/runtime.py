@@ -6,6 +6,7 @@
     step_embeds(...)      a step's token embeddings, sequence after sequence
     rope_positions(...)   M-RoPE rows for a step's tokens, or None when the decoder's rotary uses the
                           plain positions
+    decode_inputs(rows)   per-row device constants a decode step reads (DecodeInputs below)
     cache_keys(ids, media) which media each prompt position's K/V depends on (prefix caching)
     backbone, lm_head     the GLM decoder (paged cache, fast layers, graphs) and the output projection
 
@@ -92,8 +93,31 @@ class FamilyRuntime(ABC):
     def rope_positions(self, requests: list, num_tokens: list[int]) -> torch.Tensor | None:
         return None
 
+    def decode_inputs(self, num_rows: int) -> "DecodeInputs":
+        return DecodeInputs(self, num_rows)
+
     def cache_keys(self, prompt_ids: list[int], media: dict) -> MediaKeys:
         """[(position, digest)]: the K/V of every token from `position` on depends on that media item
         (prefix_cache.py). The default is safe for any family: all the media, from the first token."""
         digest = media_digest(media)
         return [] if digest is None else [(0, digest)]
+
+
+class DecodeInputs:
+    """A decode step's inputs from device state alone (no host data): each running request's row holds
+    what its generated tokens need besides their ids, set once when it takes the row. The default:
+    plain token embeddings at the plain positions."""
+
+    def __init__(self, runtime: FamilyRuntime, num_rows: int):
+        self.runtime = runtime
+
+    def set_row(self, row: int, req) -> None:
+        """Fill row `row` for an admitted request (its family state is in req.state)."""
+
+    def embeds(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B, H] embeddings of generated tokens ids [B] of rows [B]."""
+        return self.runtime.embed_tokens(ids)
+
+    def rope_positions(self, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """[rows, B] M-RoPE positions of the tokens at cache positions [B], or None (plain rotary)."""
+        return None

@@ -92,9 +92,16 @@ class FastGlmAttention(FastModule, GlmAttention):
         if meta.is_decode:
             o = paged_decode_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
                                        meta.max_seq_len)
+        elif meta.num_decodes:  # a mixed step: decode rows never go through the prefill kernel's tiles
+            o, d = torch.empty_like(q), meta.num_decodes
+            paged_decode_attention(q[:d], cache.k_pool, cache.v_pool, meta.block_tables[:d], meta.seq_lens[:d],
+                                   meta.max_seq_len, out=o[:d])
+            paged_prefill_attention(q[d:], cache.k_pool, cache.v_pool, meta.block_tables[d:], meta.seq_lens[d:],
+                                    meta.prefill_query_start_loc, meta.max_query_len, out=o[d:],
+                                    max_seq_len=meta.max_seq_len)
         else:
             o = paged_prefill_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
-                                        meta.query_start_loc, meta.max_query_len)
+                                        meta.query_start_loc, meta.max_query_len, max_seq_len=meta.max_seq_len)
         return F.linear(o.reshape(B, T, -1), self.o_proj.weight)
 
 

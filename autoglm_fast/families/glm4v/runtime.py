@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...prefix_cache import tensor_digest
-from ..runtime import FamilyRuntime
+from ..runtime import DecodeInputs, FamilyRuntime
 from .chat import expand_image_tokens, load_chat_template, render_chat
 from .image_processing import Glm4vImageProcessor
 from .model import Glm4vForConditionalGeneration
@@ -53,6 +53,9 @@ class Glm4vRuntime(FamilyRuntime):
     def never_sample(self) -> list[int]:
         c = self.config
         return [c.image_token_id, c.video_token_id]
+
+    def decode_inputs(self, num_rows: int) -> DecodeInputs:
+        return MRopeDecodeInputs(self, num_rows)
 
     def drop_encoders(self, vision: bool = True, audio: bool = True) -> None:
         if not vision:  # GLM-4.1V has no audio encoder: nothing else to drop
@@ -137,6 +140,21 @@ class Glm4vRuntime(FamilyRuntime):
                 start = max(lo, T)
                 rows.append(decode_positions(start, hi - start, r.state.rope_delta).to(r.state.rope.device))
         return torch.cat(rows, dim=1)
+
+
+class MRopeDecodeInputs(DecodeInputs):
+    """A generated token sits at rotary position `cache_position + rope_delta` on all three M-RoPE rows;
+    each row keeps its request's rope_delta."""
+
+    def __init__(self, runtime: Glm4vRuntime, num_rows: int):
+        super().__init__(runtime, num_rows)
+        self.rope_delta = torch.zeros(num_rows, dtype=torch.int64, device=runtime.lm_head.weight.device)
+
+    def set_row(self, row: int, req) -> None:
+        self.rope_delta[row] = req.state.rope_delta
+
+    def rope_positions(self, positions, rows):
+        return (positions + self.rope_delta[rows]).expand(3, -1).contiguous()
 
 
 def _image_of(part: dict):
