@@ -10,6 +10,8 @@ Rows (`autoglm-fast bench --suite e2e`):
 - decode b1 at 4k / 32k context (fast backend, graphed): ms per token once a prompt that long is in the
   cache; the roofline adds the KV cache one step reads to the weights.
 Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset.
+The prefix cache is off here: TTFT repeats one request, which would otherwise be served from the cache
+(e2e_serving.py measures what the cache does).
 Each row's `graphs` holds the CUDA-graph state the graphed engine reported after it ran ("captured", or
 "fallback" when capture failed and it decoded eagerly), never the setting that was asked for.
 """
@@ -142,7 +144,7 @@ def run(rec: Recorder) -> None:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             engine = Engine.from_preset(preset, backend=backend, dtype=opts.dtype, device=opts.device,
-                                        scheduler=sched, cuda_graphs=graphs)
+                                        scheduler=sched, cuda_graphs=graphs, enable_prefix_caching=False)
             if impl == "reference+compile":
                 for layer in engine.model.model.layers:
                     layer.compile(mode=opts.compile_mode or "default")

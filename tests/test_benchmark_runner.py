@@ -99,8 +99,14 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    assert len(keys) == len(set(keys)) == 29  # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows, none lost
-    assert {"agent step ttft", "agent step"} <= cases
+    # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals and the agent loop, none lost
+    assert len(keys) == len(set(keys)) == 31
+    assert {"agent step ttft", "agent step", "mixed arrivals", "agent loop"} <= cases
+    loop = next(r for r in run["rows"] if r["case"] == "agent loop")["metrics"]  # an agent step prefills what is new
+    assert 0 < loop["ours: prefilled tokens"] < loop["ours, no prefix caching: prefilled tokens"]
+    assert loop["ours: cached tokens"] > 0 == loop["ours, no prefix caching: cached tokens"]
+    assert loop["ours: prefilled tokens"] + loop["ours: cached tokens"] == loop[
+        "ours, no prefix caching: prefilled tokens"]
     assert {r["shape"] for r in run["rows"] if r["case"] == "decode b1"} == {
         f"nano {DTYPE}", f"nano {DTYPE}, 64 context", f"nano {DTYPE}, 256 context",
         f"glm4v-tiny {'bfloat16' if ON_GPU else DTYPE}, agent step context"}  # the released model runs bf16

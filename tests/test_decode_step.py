@@ -72,7 +72,8 @@ PLANS = {"greedy": SamplingParams.greedy(max_tokens=8, ignore_eos=True),
 def test_nano_decode_step_reads_back_once(plan, monkeypatch):
     engine = Engine.from_preset("nano", seed=0, backend="fast", dtype=torch.float32, scheduler=SCHED,
                                 cuda_graphs=True)
-    per_step = _steady_decode(engine, ["one", "two two", "three", "four four four"], PLANS[plan], monkeypatch)
+    long = "a prompt over two pages of 32 tokens, so that its blocks reach the graphs' tables in one step"
+    per_step = _steady_decode(engine, ["one", "two two", long, "four four four"], PLANS[plan], monkeypatch)
     for calls in per_step:
         assert len(calls) <= 2 and sum("tolist" in c for c in calls) == 1, calls
 

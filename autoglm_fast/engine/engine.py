@@ -192,9 +192,9 @@ class Engine:
             rows = self.runner.decode(requests, SamplingPlan.of([r.params for r in requests], self._below_min(requests)),
                                       [r.generator for r in requests])
         else:
-            if self.runner.graphs is not None:
-                self.batch.sync_block_tables(requests)
             logits = self.runner.run(requests, counts)
+            if self.runner.graphs is not None:  # the blocks this step added, for the graphs' tables
+                self.batch.sync_block_tables(requests)
             sampled = [r for r, n in zip(requests, counts) if r.remaining == n]  # the prompt (or chunk) is all in
             rows = self._sample(logits[[i for i, (r, n) in enumerate(zip(requests, counts)) if r.remaining == n]],
                                 sampled) if sampled else []
