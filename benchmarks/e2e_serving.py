@@ -102,7 +102,7 @@ def run(rec: Recorder) -> None:
     # ---- mixed arrivals ------------------------------------------------------------------------------
     preset = "nano" if small else "autoglm-phone-9b"
     n, rate, prompt_lens, output_lens = ((4, 50.0, (8, 24), (2, 4)) if small
-                                         else (64, 8.0, (64, 256, 1024, 2048), (32, 128, 256)))
+                                         else (32, 16.0, (64, 256, 1024, 2048), (32, 64, 128)))
     row = Row("e2e", "mixed arrivals", f"{preset} {opts.dtype_name}, {n} requests, Poisson {rate:g}/s",
               opts.dtype_name, {}, timer="engine")
     if rec.selected(row.case, row.shape):
@@ -123,7 +123,7 @@ def run(rec: Recorder) -> None:
         rec.record(row)
     # ---- agent loop ----------------------------------------------------------------------------------
     preset, (w, h), system, step_tokens, new = (("glm4v-tiny", (56, 56), 16, 8, 2) if small
-                                                else ("glm-4.1v-9b", (1080, 2400), 1500, 100, 64))
+                                                else ("glm-4.1v-9b", (1080, 2400), 1500, 100, 32))
     dtype = torch.bfloat16 if torch.device(opts.device).type == "cuda" else opts.dtype
     dname = str(dtype).removeprefix("torch.")
     row = Row("e2e", "agent loop", f"{preset} {dname}, 5 steps of {w}x{h} + {step_tokens} tokens, {new} out",
