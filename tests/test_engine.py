@@ -323,3 +323,17 @@ def test_a_failing_step_ends_every_async_stream_with_an_error():
 
     outs = asyncio.run(asyncio.wait_for(main(), timeout=30))
     assert outs[-1].finished and outs[-1].finish_reason == "error" and "boom" in outs[-1].error
+
+
+def test_running_requests_never_exceed_max_num_seqs():
+    """A token budget smaller than the running set leaves some running requests out of a step; new ones
+    must still wait, since each running request holds a row of the persistent batch."""
+    engine = _engine("reference", scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=3,
+                                                             max_model_len=64))
+    ids = [engine.add_request(f"prompt {i}", GREEDY) for i in range(4)]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out if out.finished else done.get(out.request_id)
+        assert len(engine.scheduler.running) <= 2 and len(engine.batch.row_of) <= 2
+    assert all(done[i].completion_tokens == GREEDY.max_tokens for i in ids)

@@ -16,7 +16,7 @@ from .request import Request, Status
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 32              # requests in one step
+    max_num_seqs: int = 32              # requests running at once (and so in one step)
     max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
     max_model_len: int = 4096           # prompt + output per request
 
@@ -101,6 +101,8 @@ class Scheduler:
         for req in candidates:
             if budget < 1 or len(plan.requests) >= self.config.max_num_seqs:
                 break
+            if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
+                break  # max_num_seqs bounds the running requests (each holds a row of the persistent batch)
             fresh = req.status is Status.WAITING and req.num_computed == 0
             cached = self.cache.find_cached(req.block_hashes, req.total_len) if fresh else []
             n = min(req.remaining - len(cached) * self.cache.block_size, budget)
