@@ -99,9 +99,9 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals and the agent loop, none lost
-    assert len(keys) == len(set(keys)) == 31
-    assert {"agent step ttft", "agent step", "mixed arrivals", "agent loop"} <= cases
+    # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals, a mixed step and the agent loop
+    assert len(keys) == len(set(keys)) == 32
+    assert {"agent step ttft", "agent step", "mixed arrivals", "mixed step", "agent loop"} <= cases
     loop = next(r for r in run["rows"] if r["case"] == "agent loop")["metrics"]  # an agent step prefills what is new
     assert 0 < loop["ours: prefilled tokens"] < loop["ours, no prefix caching: prefilled tokens"]
     assert loop["ours: cached tokens"] > 0 == loop["ours, no prefix caching: cached tokens"]
