@@ -57,6 +57,28 @@ def test_fast_adapter_padding_never_changes_real_rows():
         assert_matches(got, ref, x, key_padding_mask=mask)
 
 
+@pytest.mark.parametrize("kind", ["clip", "whisper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, t", [(1, 1), (2, 16), (2, 33)])
+def test_fast_encoder_attention_is_one_qkv_gemm_and_equals_reference(kind, dtype, n, t):
+    from autoglm_fast.config import VisionConfig
+    from autoglm_fast.fast.encoders import FastCLIPAttention, FastWhisperAttention
+    from autoglm_fast.reference.clip import CLIPAttention
+    from autoglm_fast.reference.whisper import WhisperAttention
+    torch.manual_seed(1)
+    ref = (CLIPAttention(VisionConfig(hidden_size=64, num_attention_heads=4)) if kind == "clip"
+           else WhisperAttention(64, 4)).to(DEVICE, dtype).eval()
+    keys = ref.state_dict().keys()
+    fast = (FastCLIPAttention if kind == "clip" else FastWhisperAttention).from_reference(ref)
+    assert fast.state_dict().keys() == keys and fast.qkv_weight.shape == (3 * 64, 64)
+    assert fast.k_proj.weight.data_ptr() == fast.qkv_weight[64:].data_ptr()  # views: no weight held twice
+    assert (fast.k_proj.bias is None) == (kind == "whisper") and fast.qkv_bias[64:128].abs().sum() == (
+        0 if kind == "whisper" else fast.k_proj.bias.abs().sum())
+    x = randn(n, t, 64, dtype=dtype, scale=1.0)
+    with torch.no_grad():
+        assert_matches(fast(x), ref, x)
+
+
 def test_fast_fusion_equals_reference():
     ref = GatedFusion(72).to(DEVICE)
     fast = FastGatedFusion.from_reference(ref)
@@ -113,6 +135,8 @@ def test_apply_fast_kernels_on_nano_keeps_the_logits(dtype):
     ref = _logits(model, dtype)
     report = autoglm_fast.apply_fast_kernels(model)
     assert {"vision_adapter", "audio_adapter", "fusion"} <= set(report.swapped) and not report.skipped
+    assert "vision_tower.vision_model.encoder.layers.0.self_attn" in report.swapped  # CLIP: one qkv GEMM
+    assert "audio_tower.layers.0.self_attn" in report.swapped  # Whisper too
     assert isinstance(model.vision_adapter, FastDualPathAdapter) and isinstance(model.fusion, FastGatedFusion)
     got = _logits(model, dtype)
     if dtype == torch.float32:

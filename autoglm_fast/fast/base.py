@@ -18,8 +18,9 @@ class FastModule(nn.Module):
     @classmethod
     def from_reference(cls, ref: nn.Module) -> "FastModule":
         """The same parameters (shared, not copied) under the fast class."""
-        if not isinstance(ref, cls.__mro__[2]):  # FastX(FastModule, X): X is the reference class
-            raise TypeError(f"{cls.__name__}.from_reference needs a {cls.__mro__[2].__name__}, "
+        reference = cls.__mro__[cls.__mro__.index(FastModule) + 1]  # FastX(FastModule, X): X
+        if not isinstance(ref, reference):
+            raise TypeError(f"{cls.__name__}.from_reference needs a {reference.__name__}, "
                             f"got {type(ref).__name__}")
         fast = copy.copy(ref)  # shallow: parameters and submodules are the very same objects
         fast.__class__ = cls
@@ -43,3 +44,23 @@ class FastModule(nn.Module):
             FastModule._warned.add(key)
             warnings.warn(f"{key}; running the eager reference instead", RuntimeWarning, stacklevel=3)
         return False
+
+
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One [sum(out), in] weight, and bias (zeros where a projection has none), for Linears that read
+    the same input: one GEMM instead of several. Each Linear keeps its parameter names as views into
+    the fused tensors, so the state dict is unchanged and no weight is held twice. (Swap after moving
+    the model to its device and dtype: a later .to() copies views apart.)"""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.weight.new_zeros(lin.weight.shape[0]) if lin.bias is None else lin.bias.detach()
+                          for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=lin.weight.requires_grad)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=lin.bias.requires_grad)
+        start += n
+    return weight, bias

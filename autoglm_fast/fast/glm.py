@@ -21,7 +21,7 @@ from ..kernels.paged_attention import paged_decode_attention, paged_prefill_atte
 from ..kernels.rotary_cache import qkv_rope_cache_write
 from ..paged_cache import PagedLayerCache
 from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm, rotary_inv_freq
-from .base import FastModule
+from .base import FastModule, fuse_linears
 
 
 class FastRMSNorm(FastModule, RMSNorm):
@@ -49,17 +49,7 @@ class FastGlmAttention(FastModule, GlmAttention):
         and become views into it, so the state dict is unchanged and no weight is held twice.
         (Swap after moving the model to its device and dtype: a later .to() copies views apart.)"""
         fast = super().from_reference(ref)
-        projections = (fast.q_proj, fast.k_proj, fast.v_proj)
-        fused_w = torch.cat([p.weight.detach() for p in projections])
-        has_bias = fast.q_proj.bias is not None
-        fused_b = torch.cat([p.bias.detach() for p in projections]) if has_bias else None
-        start = 0
-        for p in projections:
-            n = p.weight.shape[0]
-            p.weight = torch.nn.Parameter(fused_w[start:start + n], requires_grad=p.weight.requires_grad)
-            if has_bias:
-                p.bias = torch.nn.Parameter(fused_b[start:start + n], requires_grad=p.bias.requires_grad)
-            start += n
+        fused_w, fused_b = fuse_linears(fast.q_proj, fast.k_proj, fast.v_proj)
         fast.register_buffer("qkv_weight", fused_w, persistent=False)
         fast.register_buffer("qkv_bias", fused_b, persistent=False)
         fast._inv_freq = {}

@@ -8,9 +8,12 @@ from torch import nn
 
 from ..kernels.utils import device_supported
 from ..reference.adapter import DualPathAdapter
+from ..reference.clip import CLIPAttention
 from ..reference.fusion import GatedFusion
 from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm
+from ..reference.whisper import WhisperAttention
 from .adapter import FastDualPathAdapter
+from .encoders import FastCLIPAttention, FastWhisperAttention
 from .fusion import FastGatedFusion
 from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastRMSNorm
 
@@ -19,7 +22,7 @@ from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastRMSNorm
 FAST_MODULES: dict[type, type] = {
     DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
     GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention, GlmMLP: FastGlmMLP,
-    RMSNorm: FastRMSNorm,
+    RMSNorm: FastRMSNorm, CLIPAttention: FastCLIPAttention, WhisperAttention: FastWhisperAttention,
 }
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...fast.base import FastModule
+from ...fast.base import FastModule, fuse_linears
 from ...fast.glm import FastRMSNorm
 from ...kernels.adapter_attention import varlen_attention
 from ...kernels.norms import swiglu
@@ -38,17 +38,12 @@ class FastGlm4vVisionAttention(FastModule, Glm4vVisionAttention):
 class FastGlm4VisionMlp(FastModule, Glm4VisionMlp):
     @classmethod
     def from_reference(cls, ref: Glm4VisionMlp) -> "FastGlm4VisionMlp":
-        """Fuse gate and up into one [2F, hidden] weight (gate first: swiglu's layout, silu(gate) * up);
-        gate_proj/up_proj keep their names as views into it, so the state dict is unchanged and no weight is
-        held twice. (Swap after moving the model to its device and dtype: a later .to() copies views apart.)"""
+        """Fuse gate and up into one [2F, hidden] weight (gate first: swiglu's layout, silu(gate) * up)."""
         fast = super().from_reference(ref)
         gate, up = fast.gate_proj, fast.up_proj
         if gate.bias is not None or up.bias is not None:
             raise ValueError("FastGlm4VisionMlp expects bias-free gate/up projections, as Glm4VisionMlp builds")
-        fused = torch.cat((gate.weight.detach(), up.weight.detach()))
-        f = gate.weight.shape[0]
-        gate.weight = torch.nn.Parameter(fused[:f], requires_grad=gate.weight.requires_grad)
-        up.weight = torch.nn.Parameter(fused[f:], requires_grad=up.weight.requires_grad)
+        fused, _ = fuse_linears(gate, up)
         fast.register_buffer("gate_up_weight", fused, persistent=False)
         return fast
 
