@@ -337,3 +337,17 @@ def test_running_requests_never_exceed_max_num_seqs():
             done[out.request_id] = out if out.finished else done.get(out.request_id)
         assert len(engine.scheduler.running) <= 2 and len(engine.batch.row_of) <= 2
     assert all(done[i].completion_tokens == GREEDY.max_tokens for i in ids)
+
+
+def test_log_mel_runs_at_admission_on_the_model_device(monkeypatch):
+    """add_request decodes and resamples the audio (bad files fail there); Whisper's log-mel runs once, at
+    the request's first step, on the model's device (a GPU's STFT, not the host's)."""
+    import autoglm_fast.families.autoglm_phone as family
+    from autoglm_fast.demo import demo_tone
+    calls, log_mel = [], family.log_mel_spectrogram
+    monkeypatch.setattr(family, "log_mel_spectrogram", lambda w, c: calls.append(w.device) or log_mel(w, c))
+    engine = _engine("reference")
+    rid = engine.add_request("What do you hear?", GREEDY, audio=[demo_tone(engine.config, seconds=0.5)])
+    assert calls == [] and engine.requests[rid].media["waveforms"].shape == (1, engine.config.audio.chunk_samples)
+    engine.step()
+    assert calls == [engine.device]

@@ -47,8 +47,10 @@ def _eager_logprobs(model, req, tokens, dtype):
     kw = {}
     if "pixel_values" in m:
         kw["pixel_values"] = m["pixel_values"].to(device, dtype)
-    if "input_features" in m:
-        kw.update(input_features=m["input_features"].to(device, dtype), audio_num_samples=m["num_samples"])
+    if "waveforms" in m:  # the engine computes the log-mel at admission, on the model's device
+        from autoglm_fast.reference.audio_processing import log_mel_spectrogram
+        features = log_mel_spectrogram(m["waveforms"].to(device), model.config.audio)
+        kw.update(input_features=features.to(dtype), audio_num_samples=m["num_samples"])
     logits = model(ids, **kw).logits[0, len(req.prompt_ids) - 1:-1]
     return logits.float().log_softmax(-1)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..chat import render_chat
-from ..reference.audio_processing import load_audio, preprocess_audio
+from ..reference.audio_processing import audio_batch, load_audio, log_mel_spectrogram
 from ..reference.image_processing import load_image, preprocess_images
 from ..reference.model import AutoGLMPhoneForCausalLM, ModalContext
 from .runtime import DecodeInputs, FamilyRuntime
@@ -55,10 +55,14 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
         return ids, self._preprocess(images, clips)
 
     def admit(self, req) -> None:
+        """The encoders, once. Whisper's log-mel runs here, on the model's device (the 30 s window's STFT
+        is a few ms on a CPU, far less on a GPU), not when the request is added."""
         m, model, device = req.media, self.model, self.model.lm_head.weight.device
         images = model.encode_images(m["pixel_values"].to(device)) if "pixel_values" in m else None
-        audio = (model.encode_audio(m["input_features"].to(device), m["num_samples"])
-                 if "input_features" in m else None)
+        audio = None
+        if "waveforms" in m:
+            features = log_mel_spectrogram(m["waveforms"].to(device), self.config.audio)
+            audio = model.encode_audio(features, m["num_samples"])
         embeds, req.state = model.embed(torch.tensor([req.prompt_ids], device=device), images, audio)
         req.prompt_embeds = embeds[0]
 
@@ -135,7 +139,7 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
         if clips:
             if self.model.audio_tower is None:
                 raise ValueError("this engine was built with load_audio=False: audio inputs are not available")
-            media["input_features"], media["num_samples"] = preprocess_audio(clips, self.config.audio)
+            media["waveforms"], media["num_samples"] = audio_batch(clips, self.config.audio)
         return media
 
 

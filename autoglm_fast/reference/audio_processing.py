@@ -207,8 +207,10 @@ def load_audio(source: Any, sampling_rate: int | None = None, target_rate: int =
     return resample(torch.from_numpy(x.mean(axis=1)), int(rate), int(target_rate))
 
 
-def preprocess_audio(clips: Any | Sequence[Any], config: AudioConfig) -> tuple[torch.Tensor, list[int]]:
-    """Clips -> (log-mel batch [N, num_mel_bins, 2 * max_source_positions], samples per clip).
+def audio_batch(clips: Any | Sequence[Any], config: AudioConfig) -> tuple[torch.Tensor, list[int]]:
+    """Clips -> (waveforms [N, chunk_samples] at the model's rate, zero-padded / truncated, samples per clip):
+    the host part of `preprocess_audio` (decoding, down-mixing, resampling). The log-mel then runs wherever
+    the waveforms are (the engine computes it on the model's device, at admission).
 
     `clips` is one clip or a list. A 1-D array / tensor is taken as a mono waveform at
     `config.sampling_rate`; anything else goes through `load_audio` (WAV path / bytes, [T, C] arrays).
@@ -224,4 +226,11 @@ def preprocess_audio(clips: Any | Sequence[Any], config: AudioConfig) -> tuple[t
                         target_rate=rate) for c in clips]
     lengths = [min(w.shape[0], config.chunk_samples) for w in waves]
     batch = torch.stack([torch.nn.functional.pad(w[:n], (0, config.chunk_samples - n)) for w, n in zip(waves, lengths)])
+    return batch, lengths
+
+
+def preprocess_audio(clips: Any | Sequence[Any], config: AudioConfig) -> tuple[torch.Tensor, list[int]]:
+    """Clips -> (log-mel batch [N, num_mel_bins, 2 * max_source_positions], samples per clip): `audio_batch`
+    then `log_mel_spectrogram`."""
+    batch, lengths = audio_batch(clips, config)
     return log_mel_spectrogram(batch, config), lengths
