@@ -351,3 +351,39 @@ def test_log_mel_runs_at_admission_on_the_model_device(monkeypatch):
     assert calls == [] and engine.requests[rid].media["waveforms"].shape == (1, engine.config.audio.chunk_samples)
     engine.step()
     assert calls == [engine.device]
+
+
+def test_a_request_waits_for_its_encoders_while_others_run():
+    """On CUDA the encoders run on their own stream and a request is scheduled once their event has
+    completed; meanwhile the requests behind it prefill and decode. Here a stand-in event completes after
+    a few polls."""
+    class Pending:  # torch.cuda.Event's query(): False until the work is done
+        def __init__(self, polls):
+            self.polls = polls
+
+        def query(self):
+            self.polls -= 1
+            return self.polls < 0
+
+    pytest.importorskip("PIL")
+    engine = _engine("reference")
+    admit = engine.runtime.admit
+
+    def slow_admit(req):
+        admit(req)
+        if req.media:
+            req.encoded = Pending(polls=4)
+
+    engine.runtime.admit = slow_admit
+    picture = engine.add_request("Describe it.", GREEDY, images=[demo_image(48)])
+    text = engine.add_request("What is on the screen?", GREEDY)
+    order, got = [], {picture: [], text: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.logprobs or []
+            if out.token_ids and out.request_id not in order:
+                order.append(out.request_id)
+    assert order == [text, picture]  # the text request did not wait behind the image's encoders
+    alone = [_engine("reference").generate([p], GREEDY, **kw)[0].logprobs
+             for p, kw in (("Describe it.", {"images": [demo_image(48)]}), ("What is on the screen?", {}))]
+    _same([got[picture], got[text]], alone)

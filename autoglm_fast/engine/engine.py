@@ -10,6 +10,7 @@ when a request is added (bad media fail that request alone) and encoded once, at
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ class Engine:
         else:
             self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
+        self._encoder_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -172,14 +174,13 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that moved (or finished)."""
+        self._encode_waiting()
         plan = self.scheduler.schedule()
         for req in plan.preempted:
             self.runner.release(req)
             self.batch.remove(req)
         decodes, chunks = [], []  # decode rows first: attention splits a mixed step there
         for req, n in zip(plan.requests, plan.num_tokens):
-            if req.prompt_embeds is None and not self._admit(req):
-                continue
             self.batch.add(req)
             (decodes if n == 1 else chunks).append((req, n))
         outputs = [self._finalize(r) for r in list(self.requests.values()) if r.status is Status.FINISHED]
@@ -218,15 +219,22 @@ class Engine:
                                          torch.tensor(below, device=dev), [r.generator for r in requests])
         return pack(out).tolist()
 
-    def _admit(self, req: Request) -> bool:
-        """The family's encoders once per request (a failure ends that request alone)."""
-        try:
-            self.runtime.admit(req)
-            return True
-        except (ValueError, TypeError, RuntimeError) as e:
-            req.finish("error", f"{type(e).__name__}: {e}")
-            self._release(req)
-            return False
+    def _encode_waiting(self) -> None:
+        """Run the encoders of the requests next in line, once each, on the encoder stream (CUDA), so the
+        step's decodes never queue behind them; the scheduler takes a request once its encoding is done
+        (Request.ready). A failure ends that request alone."""
+        for req in list(self.scheduler.waiting)[:self.sched_config.max_num_seqs]:
+            if req.prompt_embeds is not None:
+                continue
+            try:
+                with torch.cuda.stream(self._encoder_stream) if self._encoder_stream else contextlib.nullcontext():
+                    self.runtime.admit(req)
+                if self._encoder_stream is not None:
+                    req.encoded = self._encoder_stream.record_event()
+                    _used_on(torch.cuda.current_stream(self.device), req.prompt_embeds, req.state)
+            except (ValueError, TypeError, RuntimeError) as e:
+                req.finish("error", f"{type(e).__name__}: {e}")
+                self._release(req)
 
     def _append(self, req: Request, token: int, logprob: float | None, top: list) -> None:
         p = req.params
@@ -287,6 +295,16 @@ class Engine:
                             return
         finally:
             self.abort(rid)  # a consumer that stops early frees the request
+
+
+def _used_on(stream, *objects) -> None:
+    """Tell the caching allocator that tensors made on the encoder stream are read on `stream`, so their
+    memory is not handed out again while `stream` may still use it."""
+    for obj in objects:
+        fields = vars(obj).values() if hasattr(obj, "__dict__") else (obj,)
+        for t in fields:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(stream)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

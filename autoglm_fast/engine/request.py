@@ -44,6 +44,7 @@ class Request:
     num_computed: int = 0                        # tokens of prompt + output already in the KV cache
     prompt_embeds: torch.Tensor | None = None    # [T, H] after splicing and fusion (made once, at admission)
     state: object = None                         # the family's per-request state (set at admission)
+    encoded: object = None                       # CUDA event: the encoders' work (on their stream) is done
     generator: torch.Generator | None = None
     detokenizer: object = None
     text: str = ""                               # all text so far (stop strings are searched here)
@@ -60,6 +61,11 @@ class Request:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def ready(self) -> bool:
+        """Encoded (the prompt embeddings exist and their stream's work is done): it may be scheduled."""
+        return self.prompt_embeds is not None and (self.encoded is None or self.encoded.query())
 
     @property
     def all_ids(self) -> list[int]:

@@ -103,6 +103,8 @@ class Scheduler:
                 break
             if req.status is Status.WAITING and len(self.running) >= self.config.max_num_seqs:
                 break  # max_num_seqs bounds the running requests (each holds a row of the persistent batch)
+            if not req.ready:
+                continue  # its encoders are still running: those behind it may go first
             fresh = req.status is Status.WAITING and req.num_computed == 0
             cached = self.cache.find_cached(req.block_hashes, req.total_len) if fresh else []
             n = min(req.remaining - len(cached) * self.cache.block_size, budget)
