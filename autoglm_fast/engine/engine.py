@@ -67,6 +67,7 @@ class Engine:
                                   enable_prefix_caching=backend == "fast" and enable_prefix_caching is not False)
         self.batch = PersistentBatch(self.runtime, self.cache, self.sched_config.max_num_seqs,
                                      self.sched_config.max_model_len, self.tokenizer.eos_token_ids)
+        self.encoder_graphs = None  # EncoderGraphs where decode has graphs too
         if backend == "fast":
             from ..fast import apply_fast_kernels
             apply_fast_kernels(model)
@@ -75,6 +76,9 @@ class Engine:
                 from .cuda_graphs import DecodeGraphs
                 graphs = DecodeGraphs(self.runtime, self.cache, self.batch, self.sched_config.max_model_len,
                                       capture=self.device.type == "cuda")
+                from .encoder_graphs import EncoderGraphs
+                self.encoder_graphs = EncoderGraphs(capture=self.device.type == "cuda")
+                self.runtime.graph_encoders(self.encoder_graphs)
             self.runner = FastRunner(self.runtime, self.cache, graphs)
         else:
             self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)

@@ -36,6 +36,12 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
     def decode_inputs(self, num_rows: int) -> DecodeInputs:
         return FusedDecodeInputs(self, num_rows)
 
+    def graph_encoders(self, graphs) -> None:
+        """CLIP and Whisper at a padded batch of images / clips (the adapters and connectors stay eager)."""
+        for name, tower in (("clip", self.model.vision_tower), ("whisper", self.model.audio_tower)):
+            if tower is not None:
+                tower.forward = graphs.batched(name, tower.forward)
+
     def drop_encoders(self, vision: bool = True, audio: bool = True) -> None:
         m = self.model
         if not vision:

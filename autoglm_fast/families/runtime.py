@@ -93,6 +93,9 @@ class FamilyRuntime(ABC):
     def rope_positions(self, requests: list, num_tokens: list[int]) -> torch.Tensor | None:
         return None
 
+    def graph_encoders(self, graphs) -> None:
+        """Route the encoders' heavy part through `graphs` (engine/encoder_graphs.py); default: none."""
+
     def decode_inputs(self, num_rows: int) -> "DecodeInputs":
         return DecodeInputs(self, num_rows)
 

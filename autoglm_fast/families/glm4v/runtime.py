@@ -57,6 +57,13 @@ class Glm4vRuntime(FamilyRuntime):
     def decode_inputs(self, num_rows: int) -> DecodeInputs:
         return MRopeDecodeInputs(self, num_rows)
 
+    def graph_encoders(self, graphs) -> None:
+        """The vision tower's blocks at a padded patch count (patch embedding, resampled position
+        embeddings and the merger stay eager: their shapes follow each image's grid)."""
+        visual = self.model.model.visual
+        if visual is not None:
+            visual.run_blocks = graphs.packed_segments("glm4v vision blocks", visual.run_blocks)
+
     def drop_encoders(self, vision: bool = True, audio: bool = True) -> None:
         if not vision:  # GLM-4.1V has no audio encoder: nothing else to drop
             self.model.model.visual = None

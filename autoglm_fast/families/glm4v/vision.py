@@ -197,6 +197,12 @@ class Glm4vVisionModel(nn.Module):
         x = self.post_conv_layernorm(self.patch_embed(pixel_values))
         cos, sin = self.vision_rotary(grid_thw, pos_ids)
         x = self.embeddings(x, grid_thw, pos_ids)
+        x = self.run_blocks(x, cos, sin, cu_seqlens)
+        return self.merger(self.downsample_tokens(self.post_layernorm(x)))
+
+    def run_blocks(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """The transformer blocks over packed patches [N, hidden]: nearly all of the tower's work, and the
+        part the engine replays from CUDA graphs at padded patch counts (engine/encoder_graphs.py)."""
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens)
-        return self.merger(self.downsample_tokens(self.post_layernorm(x)))
+        return x
