@@ -80,3 +80,21 @@ def _kernels() -> bool:
     from kernel_harness import DEVICE
     from autoglm_fast.kernels.utils import device_supported
     return device_supported(torch.device(DEVICE))
+
+
+@pytest.mark.gpu
+def test_encoders_are_captured_and_replayed_on_cuda():
+    """The production setup: a capture that falls back (a host sync in a tower, say) fails here."""
+    pytest.importorskip("PIL")
+    from autoglm_fast.demo import demo_image, demo_tone
+    from autoglm_fast.engine import Engine, SamplingParams
+    for preset in ("nano", "glm4v-tiny"):
+        engine = Engine.from_preset(preset, seed=0, backend="fast")
+        media = {"images": [demo_image(56)]}
+        if preset == "nano":
+            media["audio"] = [demo_tone(engine.config, seconds=0.5)]
+        for _ in range(2):
+            (out,) = engine.generate(["hi"], SamplingParams.greedy(max_tokens=2), **media)
+            assert out.error is None and len(out.token_ids) == 2
+        graphs = engine.encoder_graphs
+        assert graphs.failure is None and graphs.capture and graphs.replays >= 2 and graphs.graphs, preset
