@@ -175,7 +175,8 @@ def test_eviction_preemption_and_aborts_keep_outputs_identical():
     prompts = [prefix + [60 + i] * (2 + 2 * i) for i in range(4)]
     params = SamplingParams.greedy(max_tokens=8, ignore_eos=True, logprobs=2)
     tight = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=48, max_model_len=128)
-    engine = _engine(True, scheduler=tight, num_blocks=12, block_size=4)
+    # the graph path too: shared blocks reach the device block tables by diffs, and preempted rows come back
+    engine = _engine(True, scheduler=tight, num_blocks=13, block_size=4, cuda_graphs=True)  # 12 + the null block
     results = {}
 
     def step():
@@ -194,7 +195,6 @@ def test_eviction_preemption_and_aborts_keep_outputs_identical():
     ids += [engine.add_request(p, params) for p in prompts[2:]]
     while engine.has_unfinished():
         step()
-    print(engine.scheduler.num_preemptions, engine.cache.prefix_hits, engine.cache.evictions)
     assert engine.scheduler.num_preemptions > 0 and engine.cache.evictions > 0
     assert engine.cache.num_free_blocks == engine.cache.capacity
     off = _engine(False, scheduler=tight)
