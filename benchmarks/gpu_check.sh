@@ -47,7 +47,8 @@ timeout -s INT -k 20 "${TESTS_S:-130}" "$PY" -m pytest -q -p no:cacheprovider -p
   "${XDIST[@]}" --durations=15 tests/test_kernel_*.py \
   tests/test_real_shapes.py tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py \
   tests/test_engine.py tests/test_engine_bf16.py tests/test_sampling.py tests/test_glm4v_fast_vision.py \
-  tests/test_decode_step.py tests/test_mixed_step.py tests/test_prefix_cache.py tests/test_encoder_graphs.py --junitxml="$OUT/pytest.xml" \
+  tests/test_decode_step.py tests/test_mixed_step.py tests/test_prefix_cache.py tests/test_encoder_graphs.py \
+  tests/test_piecewise_graphs.py --junitxml="$OUT/pytest.xml" \
   >"$OUT/pytest.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest.log"
 fi

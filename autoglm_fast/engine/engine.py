@@ -5,8 +5,11 @@
         print(out.text, end="")
 
 Requests join and leave between steps; each step runs every decoding request's next token and
-spends the rest of the token budget on prefill chunks (see scheduler.py). Media are preprocessed
-when a request is added (bad media fail that request alone) and encoded once, at its first step.
+spends the rest of the token budget on prefill chunks (see scheduler.py), starting new requests on
+whatever the prefix cache holds of them. Media are preprocessed when a request is added (bad media
+fail that request alone) and encoded once, before it is first scheduled (on CUDA on an encoder
+stream, while the running requests keep stepping). On CUDA a decode step is one graph, sampling
+included (cuda_graphs.py), and prefill / mixed steps run as piecewise graphs (piecewise_graphs.py).
 """
 from __future__ import annotations
 
@@ -71,15 +74,17 @@ class Engine:
         if backend == "fast":
             from ..fast import apply_fast_kernels
             apply_fast_kernels(model)
-            graphs = None
+            graphs = pieces = None
             if cuda_graphs if cuda_graphs is not None else self.device.type == "cuda":
                 from .cuda_graphs import DecodeGraphs
-                graphs = DecodeGraphs(self.runtime, self.cache, self.batch, self.sched_config.max_model_len,
-                                      capture=self.device.type == "cuda")
                 from .encoder_graphs import EncoderGraphs
-                self.encoder_graphs = EncoderGraphs(capture=self.device.type == "cuda")
+                from .piecewise_graphs import PiecewiseGraphs
+                capture = self.device.type == "cuda"
+                graphs = DecodeGraphs(self.runtime, self.cache, self.batch, self.sched_config.max_model_len, capture)
+                pieces = PiecewiseGraphs(self.runtime, self.cache, self.sched_config.max_num_batched_tokens, capture)
+                self.encoder_graphs = EncoderGraphs(capture)
                 self.runtime.graph_encoders(self.encoder_graphs)
-            self.runner = FastRunner(self.runtime, self.cache, graphs)
+            self.runner = FastRunner(self.runtime, self.cache, graphs, pieces)
         else:
             self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
@@ -200,9 +205,9 @@ class Engine:
             logits = self.runner.run(requests, counts)
             if self.runner.graphs is not None:  # the blocks this step added, for the graphs' tables
                 self.batch.sync_block_tables(requests)
-            sampled = [r for r, n in zip(requests, counts) if r.remaining == n]  # the prompt (or chunk) is all in
-            rows = self._sample(logits[[i for i, (r, n) in enumerate(zip(requests, counts)) if r.remaining == n]],
-                                sampled) if sampled else []
+            done = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.remaining == n]  # the prompt is all in
+            sampled = [requests[i] for i in done]
+            rows = self._sample(logits[done], sampled) if done else []
         for req, n in zip(requests, counts):
             req.num_computed += n
             self.cache.commit(req.request_id, req.block_hashes)
@@ -305,7 +310,7 @@ def _used_on(stream, *objects) -> None:
     """Tell the caching allocator that tensors made on the encoder stream are read on `stream`, so their
     memory is not handed out again while `stream` may still use it."""
     for obj in objects:
-        fields = vars(obj).values() if hasattr(obj, "__dict__") else (obj,)
+        fields = (obj,) if isinstance(obj, torch.Tensor) or not hasattr(obj, "__dict__") else vars(obj).values()
         for t in fields:
             if isinstance(t, torch.Tensor) and t.is_cuda:
                 t.record_stream(stream)

@@ -24,8 +24,9 @@ def _rope_batch(rope: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class FastRunner:
-    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, graphs=None):
-        self.runtime, self.cache, self.graphs = runtime, cache, graphs  # graphs: DecodeGraphs or None
+    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, graphs=None, pieces=None):
+        """graphs: DecodeGraphs (whole decode steps) and pieces: PiecewiseGraphs (the others), or None."""
+        self.runtime, self.cache, self.graphs, self.pieces = runtime, cache, graphs, pieces
 
     def can_decode(self, requests: list[Request]) -> bool:
         return self.graphs is not None and len(requests) <= self.graphs.max_batch
@@ -39,11 +40,13 @@ class FastRunner:
         rt = self.runtime
         meta = self.cache.step([r.request_id for r in requests], num_tokens)
         meta.rope_positions = rt.rope_positions(requests, num_tokens)
-        embeds = rt.step_embeds(requests, num_tokens)[None]
-        hidden = rt.backbone(embeds, meta.positions[None], self.cache.layer_caches(meta),
-                             rope_positions=_rope_batch(meta.rope_positions))
+        embeds = rt.step_embeds(requests, num_tokens)
+        hidden = None if self.pieces is None else self.pieces.run(meta, embeds)
+        if hidden is None:
+            hidden = rt.backbone(embeds[None], meta.positions[None], self.cache.layer_caches(meta),
+                                 rope_positions=_rope_batch(meta.rope_positions))[0]
         last = meta.query_start_loc[1:].long() - 1  # each request's last new token
-        return rt.lm_head(hidden[0, last])
+        return rt.lm_head(hidden[last])
 
     def release(self, request: Request) -> None:
         pass  # the paged cache's blocks are freed by the scheduler

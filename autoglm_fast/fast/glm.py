@@ -64,40 +64,58 @@ class FastGlmAttention(FastModule, GlmAttention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
         if not isinstance(cache, PagedLayerCache) or not self.kernels_usable(x):
             return GlmAttention.forward(self, x, cos, sin, positions, cache)
-        meta = cache.meta
         B, T, hidden = x.shape
-        if B * T != meta.positions.shape[0]:
-            raise ValueError(f"the step's metadata describes {meta.positions.shape[0]} tokens, the input has {B * T}")
+        if B * T != cache.meta.positions.shape[0]:
+            raise ValueError(f"the step's metadata describes {cache.meta.positions.shape[0]} tokens, the input has {B * T}")
+        return self.output(self.attend(self.project(x.reshape(B * T, hidden), cache), cache)).reshape(B, T, -1)
+
+    def project(self, x: Tensor, cache: PagedLayerCache) -> Tensor:
+        """x [N, hidden] -> q [N, heads, head_dim]: the qkv GEMM, then bias + RoPE on q and k with k and v
+        written into the paged cache, in one kernel. Reads only the step's positions, slots and M-RoPE rows."""
+        meta = cache.meta
         # M-RoPE (GLM-4.1V): the rotary angles come from the step's (t, h, w) rows where the engine set them;
         # without them every row equals `positions` (text), which the 1-row path computes as is.
         rope = meta.rope_positions
         if rope is not None and self.mrope_section is None:
             raise ValueError("the step's metadata has rope_positions (M-RoPE) but the model's config has no "
                              "mrope_section")
-        qkv = F.linear(x.reshape(B * T, hidden), self.qkv_weight)  # the bias is added by the epilogue
-        q = qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
-                                 self.inv_freq(x.device), cache.k_pool, cache.v_pool, self.num_heads,
-                                 self.num_kv_heads, self.head_dim,
-                                 mrope_section=None if rope is None else self.mrope_section)
-        if meta.is_decode:
-            o = paged_decode_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
-                                       meta.max_seq_len)
-        elif meta.num_decodes:  # a mixed step: decode rows never go through the prefill kernel's tiles
-            o, d = torch.empty_like(q), meta.num_decodes
-            paged_decode_attention(q[:d], cache.k_pool, cache.v_pool, meta.block_tables[:d], meta.seq_lens[:d],
-                                   meta.max_seq_len, out=o[:d])
-            paged_prefill_attention(q[d:], cache.k_pool, cache.v_pool, meta.block_tables[d:], meta.seq_lens[d:],
-                                    meta.prefill_query_start_loc, meta.max_query_len, out=o[d:],
-                                    max_seq_len=meta.max_seq_len)
-        else:
-            o = paged_prefill_attention(q, cache.k_pool, cache.v_pool, meta.block_tables, meta.seq_lens,
-                                        meta.query_start_loc, meta.max_query_len, max_seq_len=meta.max_seq_len)
-        return F.linear(o.reshape(B, T, -1), self.o_proj.weight)
+        qkv = F.linear(x, self.qkv_weight)  # the bias is added by the epilogue
+        return qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
+                                    self.inv_freq(x.device), cache.k_pool, cache.v_pool, self.num_heads,
+                                    self.num_kv_heads, self.head_dim,
+                                    mrope_section=None if rope is None else self.mrope_section)
+
+    def attend(self, q: Tensor, cache: PagedLayerCache, out: Tensor | None = None) -> Tensor:
+        """q [N, heads, head_dim] -> o (into `out` if given) over the paged cache: the step's one-token rows
+        (all of a decode step, the first num_decodes sequences of a mixed one) through the split-K decode
+        kernel, prefill chunks through the prefill kernel - decode rows never fill a prefill tile."""
+        meta, k, v = cache.meta, cache.k_pool, cache.v_pool
+        o = torch.empty_like(q) if out is None else out
+        d = meta.num_seqs if meta.is_decode else meta.num_decodes
+        if d:
+            paged_decode_attention(q[:d], k, v, meta.block_tables[:d], meta.seq_lens[:d], meta.max_seq_len, out=o[:d])
+        if d < meta.num_seqs:
+            loc = meta.prefill_query_start_loc if d else meta.query_start_loc
+            paged_prefill_attention(q[d:], k, v, meta.block_tables[d:], meta.seq_lens[d:], loc, meta.max_query_len,
+                                    out=o[d:], max_seq_len=meta.max_seq_len)
+        return o
+
+    def output(self, o: Tensor) -> Tensor:
+        """o [N, heads, head_dim] -> [N, hidden]: the output projection."""
+        return F.linear(o.reshape(o.shape[0], -1), self.o_proj.weight)
 
 
 class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return self.after_attention(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache), x)
+
+    def before_attention(self, x: Tensor, cache: PagedLayerCache) -> Tensor:
+        """The layer up to attention, on the paged cache: x [N, hidden] -> q (input norm, qkv, RoPE, K/V write).
+        With `after_attention` it is what a piecewise graph holds (engine/piecewise_graphs.py)."""
+        return self.self_attn.project(self.input_layernorm(x), cache)
+
+    def after_attention(self, h: Tensor, x: Tensor) -> Tensor:
+        """The layer after attention: h, the projected attention output, and x, the layer's input -> its output."""
         if self.post_self_attn_layernorm is not None:  # sandwich norms (GLM-4.1V): norm the output first
             h = self.post_self_attn_layernorm(h)
         if isinstance(self.post_attention_layernorm, FastRMSNorm):

@@ -1,0 +1,115 @@
+"""Prefill and mixed steps as piecewise CUDA graphs (vLLM's scheme for steps that are not pure decode).
+
+Attention's launch grid follows the step's sequences (how many decode, how long each chunk), so it
+cannot be captured once for all steps; everything else in a layer only sees a number of token rows.
+So each layer is two graphs per token bucket, with attention launched eagerly between them:
+
+    before   input norm -> qkv GEMM -> bias + RoPE + K/V cache write     (static rows in, q out)
+    attend   split-K decode for the one-token rows, prefill for the chunks (eager, exact rows)
+    after    o GEMM -> (sandwich norm) -> residual add + norm -> MLP -> residual add, written back
+
+A step's tokens are padded to a bucket (16, 32, 64, ... up to max_num_batched_tokens): padding rows
+sit at position 0 and write their K/V into the cache's reserved null block, and attention never reads
+them. Per layer that is 2 graph launches and 1-2 attention launches instead of about 11 kernels,
+which keeps the host from becoming the bottleneck of short chunks. The embeddings before the first
+layer, the final norm and `lm_head` stay eager.
+
+Without CUDA the same padded path runs eagerly (the tests); a step with more tokens than the largest
+bucket, or after a failed capture (a warning, the reason kept), runs the plain eager backbone.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..families.runtime import FamilyRuntime
+from ..paged_cache import PagedAttentionMetadata, PagedKVCache
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class PiecewiseGraphs:
+    def __init__(self, runtime: FamilyRuntime, cache: PagedKVCache, max_tokens: int, capture: bool):
+        if cache.null_block is None:
+            raise ValueError("piecewise graphs need the cache's null block (reserve it first)")
+        self.backbone, self.cache, self.capture = runtime.backbone, cache, capture
+        self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
+        text, n, dev = runtime.text, self.buckets[-1], cache.device
+        dtype = runtime.lm_head.weight.dtype
+        self.x = torch.zeros(n, text.hidden_size, dtype=dtype, device=dev)
+        self.o = torch.zeros(n, text.num_attention_heads, text.head_dim, dtype=dtype, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
+        rows = text.position_rows
+        self.rope = torch.zeros(rows, n, dtype=torch.int64, device=dev) if rows > 1 else None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self.pool = None
+        self.failure: str | None = None
+        self.replays = 0
+
+    def run(self, meta: PagedAttentionMetadata, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The backbone's hidden states [N, hidden] (final norm applied) for a step's embeddings [N, hidden]
+        whose metadata the cache just built; None when the step is larger than the largest bucket."""
+        n = embeds.shape[0]
+        if n > self.buckets[-1]:
+            return None
+        nb = next(b for b in self.buckets if b >= n)
+        x, o = self.x[:nb], self.o[:nb]
+        x[:n].copy_(embeds)
+        x[n:].zero_()
+        self.positions[:n].copy_(meta.positions)
+        self.positions[n:nb] = 0
+        self.slots[:n].copy_(meta.slot_mapping)
+        self.slots[n:nb] = self.cache.null_block * self.cache.block_size
+        rope = None
+        if self.rope is not None:
+            rope = self.rope[:, :nb]
+            rope[:, :n].copy_(meta.rope_positions)
+            rope[:, n:] = 0
+        # what the graphed pieces read: the padded rows' positions, slots and rotary rows, at fixed addresses
+        padded = PagedAttentionMetadata(meta.block_tables, meta.seq_lens, meta.query_start_loc, self.positions[:nb],
+                                        self.slots[:nb], meta.max_query_len, meta.max_seq_len, rope_positions=rope)
+        exact, graphed = self.cache.layer_caches(meta), self.cache.layer_caches(padded)
+        for i, layer in enumerate(self.backbone.layers):
+            q = self._piece(("before", i, nb), lambda: layer.before_attention(x, graphed[i]))
+            layer.self_attn.attend(q[:n], exact[i], out=o[:n])
+            self._piece(("after", i, nb), lambda: x.copy_(layer.after_attention(layer.self_attn.output(o), x)),
+                        rewrites=x)
+        return self.backbone.norm(x[:n])
+
+    def _piece(self, key: tuple, fn, rewrites: torch.Tensor | None = None):
+        if not self.capture:
+            return fn()
+        if key not in self.graphs:
+            try:
+                self._capture(key, fn, rewrites)
+            except RuntimeError as e:  # a capture failure must cost speed, never the request
+                self.failure = f"piecewise capture {key} failed: {type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph {self.failure}; prefill and mixed steps run eagerly from now on",
+                              RuntimeWarning)
+                self.capture = False
+                return fn()
+        graph, out = self.graphs[key]
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def _capture(self, key: tuple, fn, rewrites: torch.Tensor | None) -> None:
+        """Warm up (Triton compiles, cuBLAS picks), then capture; the replay that follows does the step's
+        work. A piece that rewrites its own input gets that input back after the warm-up runs."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        saved = None if rewrites is None else rewrites.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if saved is not None:
+            rewrites.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.graphs[key] = (graph, out)
