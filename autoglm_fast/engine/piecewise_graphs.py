@@ -38,7 +38,9 @@ class PiecewiseGraphs:
         text, n, dev = runtime.text, self.buckets[-1], cache.device
         dtype = runtime.lm_head.weight.dtype
         self.x = torch.zeros(n, text.hidden_size, dtype=dtype, device=dev)
-        self.o = torch.zeros(n, text.num_attention_heads, text.head_dim, dtype=dtype, device=dev)
+        # q and o are static buffers: no layer's graph holds an output of its own
+        self.q = torch.zeros(n, text.num_attention_heads, text.head_dim, dtype=dtype, device=dev)
+        self.o = torch.zeros_like(self.q)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.slots = torch.zeros(n, dtype=torch.int64, device=dev)
         rows = text.position_rows
@@ -55,7 +57,7 @@ class PiecewiseGraphs:
         if n > self.buckets[-1]:
             return None
         nb = next(b for b in self.buckets if b >= n)
-        x, o = self.x[:nb], self.o[:nb]
+        x, q, o = self.x[:nb], self.q[:nb], self.o[:nb]
         x[:n].copy_(embeds)
         x[n:].zero_()
         self.positions[:n].copy_(meta.positions)
@@ -72,7 +74,7 @@ class PiecewiseGraphs:
                                         self.slots[:nb], meta.max_query_len, meta.max_seq_len, rope_positions=rope)
         exact, graphed = self.cache.layer_caches(meta), self.cache.layer_caches(padded)
         for i, layer in enumerate(self.backbone.layers):
-            q = self._piece(("before", i, nb), lambda: layer.before_attention(x, graphed[i]))
+            self._piece(("before", i, nb), lambda: layer.before_attention(x, graphed[i], q_out=q))
             layer.self_attn.attend(q[:n], exact[i], out=o[:n])
             self._piece(("after", i, nb), lambda: x.copy_(layer.after_attention(layer.self_attn.output(o), x)),
                         rewrites=x)

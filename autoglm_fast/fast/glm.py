@@ -69,9 +69,10 @@ class FastGlmAttention(FastModule, GlmAttention):
             raise ValueError(f"the step's metadata describes {cache.meta.positions.shape[0]} tokens, the input has {B * T}")
         return self.output(self.attend(self.project(x.reshape(B * T, hidden), cache), cache)).reshape(B, T, -1)
 
-    def project(self, x: Tensor, cache: PagedLayerCache) -> Tensor:
-        """x [N, hidden] -> q [N, heads, head_dim]: the qkv GEMM, then bias + RoPE on q and k with k and v
-        written into the paged cache, in one kernel. Reads only the step's positions, slots and M-RoPE rows."""
+    def project(self, x: Tensor, cache: PagedLayerCache, q_out: Tensor | None = None) -> Tensor:
+        """x [N, hidden] -> q [N, heads, head_dim] (into q_out if given): the qkv GEMM, then bias + RoPE on q
+        and k with k and v written into the paged cache, in one kernel. Reads only the step's positions,
+        slots and M-RoPE rows."""
         meta = cache.meta
         # M-RoPE (GLM-4.1V): the rotary angles come from the step's (t, h, w) rows where the engine set them;
         # without them every row equals `positions` (text), which the 1-row path computes as is.
@@ -82,7 +83,7 @@ class FastGlmAttention(FastModule, GlmAttention):
         qkv = F.linear(x, self.qkv_weight)  # the bias is added by the epilogue
         return qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
                                     self.inv_freq(x.device), cache.k_pool, cache.v_pool, self.num_heads,
-                                    self.num_kv_heads, self.head_dim,
+                                    self.num_kv_heads, self.head_dim, q_out=q_out,
                                     mrope_section=None if rope is None else self.mrope_section)
 
     def attend(self, q: Tensor, cache: PagedLayerCache, out: Tensor | None = None) -> Tensor:
@@ -109,10 +110,10 @@ class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
         return self.after_attention(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache), x)
 
-    def before_attention(self, x: Tensor, cache: PagedLayerCache) -> Tensor:
+    def before_attention(self, x: Tensor, cache: PagedLayerCache, q_out: Tensor | None = None) -> Tensor:
         """The layer up to attention, on the paged cache: x [N, hidden] -> q (input norm, qkv, RoPE, K/V write).
         With `after_attention` it is what a piecewise graph holds (engine/piecewise_graphs.py)."""
-        return self.self_attn.project(self.input_layernorm(x), cache)
+        return self.self_attn.project(self.input_layernorm(x), cache, q_out)
 
     def after_attention(self, h: Tensor, x: Tensor) -> Tensor:
         """The layer after attention: h, the projected attention output, and x, the layer's input -> its output."""
