@@ -96,6 +96,20 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def with_engine(row: "Row", impl: str, build: Callable[[], object], measure: Callable[[object], None]) -> None:
+    """Build an engine and measure with it; a failure (out of memory, a missing extra) becomes
+    row.errors[impl], and the engine's memory is handed back either way."""
+    engine = None
+    try:
+        engine = build()
+        measure(engine)
+    except Exception as e:  # noqa: BLE001 - record it, go on
+        row.errors.setdefault(impl, _why(e))
+    finally:
+        del engine
+        free_cuda_memory()
+
+
 def sync() -> None:
     """Wait for the GPU (if any), so wall-clock times cover the work and not just its launch."""
     if torch.cuda.is_available():

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .common import NAN, Options, Recorder, Row, _why, free_cuda_memory, sync
+from .common import NAN, Options, Recorder, Row, _why, free_cuda_memory, sync, with_engine
 
 
 def _ttft(engine, request: dict, repeats: int, warmup: bool) -> tuple[float, int]:
@@ -87,12 +87,10 @@ def _long_context(rec: Recorder, preset: str, label: str, contexts, new_tokens: 
                   opts.dtype_name, {}, timer="engine")
         if not rec.selected(row.case, row.shape):
             continue
-        engine = None
-        try:
-            sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=min(ctx, 8192),
-                                    max_model_len=ctx + new_tokens + 1)
-            engine = Engine.from_preset(preset, dtype=opts.dtype, device=opts.device, scheduler=sched,
-                                        backend="fast", cuda_graphs=True, load_vision=False, load_audio=False)
+        sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=min(ctx, 8192),
+                                max_model_len=ctx + new_tokens + 1)
+
+        def measure(engine, row=row, ctx=ctx):
             text = engine.config.text
             kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * engine.dtype.itemsize
             weights = engine.model.parameter_counts()["backbone"] - engine.model.model.embed_tokens.weight.numel()
@@ -101,11 +99,10 @@ def _long_context(rec: Recorder, preset: str, label: str, contexts, new_tokens: 
             med, lo, hi = _decode_ms(engine, params, prompt=[7] * ctx)
             row.ms["ours"], row.quantiles["ours"] = med, (lo, hi)
             row.graphs["ours"] = engine.graph_state.status
-        except Exception as e:  # noqa: BLE001 - out of memory, say: record it, go on
-            row.errors.setdefault("ours", _why(e))
-        finally:
-            del engine
-            free_cuda_memory()
+
+        with_engine(row, "ours", lambda: Engine.from_preset(
+            preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+            load_vision=False, load_audio=False), measure)
         rec.record(row)
 
 

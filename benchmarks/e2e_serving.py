@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from .common import NAN, Options, Recorder, Row, _why, free_cuda_memory, sync, timed_ms
+from .common import NAN, Options, Recorder, Row, sync, timed_ms, with_engine
 
 
 def _arrivals(n: int, rate: float, prompt_lens, output_lens, seed: int = 0):
@@ -143,31 +143,26 @@ def run(rec: Recorder) -> None:
     row = Row("e2e", "mixed arrivals", f"{preset} {opts.dtype_name}, {n} requests, Poisson {rate:g}/s",
               opts.dtype_name, {}, timer="engine")
     if rec.selected(row.case, row.shape):
-        engine = None
-        try:
-            sched = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=4096)
-            engine = Engine.from_preset(preset, dtype=opts.dtype, device=opts.device, scheduler=sched,
-                                        backend="fast", cuda_graphs=True, load_vision=False, load_audio=False)
+        sched = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048, max_model_len=4096)
+
+        def arrivals(engine):
             stats = mixed_arrivals(engine, _arrivals(n, rate, prompt_lens, output_lens), engine.config.text.vocab_size)
             row.ms["ours"] = stats.pop("ms per token")
             row.metrics.update(stats)
             row.graphs["ours"] = engine.graph_state.status
-        except Exception as e:  # noqa: BLE001 - out of memory, say: record it, go on
-            row.errors.setdefault("ours", _why(e))
-        finally:
-            del engine
-            free_cuda_memory()
+
+        with_engine(row, "ours", lambda: Engine.from_preset(
+            preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+            load_vision=False, load_audio=False), arrivals)
         rec.record(row)
     # ---- a mixed step, eager against its CUDA graph ----------------------------------------------------------
     decodes, context, chunk = (2, 32, 14) if small else (16, 2048, 512)
     row = Row("e2e", "mixed step", f"{preset} {opts.dtype_name}, {decodes} decodes at {context} context + "
               f"{chunk}-token chunk", opts.dtype_name, {}, timer="engine")
     if rec.selected(row.case, row.shape):
-        engine = None
-        try:
-            sched = SchedulerConfig(max_num_seqs=decodes + 1, max_num_batched_tokens=2048, max_model_len=4096)
-            engine = Engine.from_preset(preset, dtype=opts.dtype, device=opts.device, scheduler=sched,
-                                        backend="fast", cuda_graphs=True, load_vision=False, load_audio=False)
+        sched = SchedulerConfig(max_num_seqs=decodes + 1, max_num_batched_tokens=2048, max_model_len=4096)
+
+        def step(engine):
             stats = mixed_step(engine, decodes, context, chunk, reps=1 if small else 20)
             row.ms["ours"] = stats.pop("piecewise")
             row.ms["eager"] = stats.pop("eager")
@@ -180,11 +175,10 @@ def run(rec: Recorder) -> None:
             rt = engine.runtime  # the matmuls, attention aside: lm_head projects one row per sequence
             head = rt.lm_head.weight.numel()
             row.flops = 2 * (rt.decode_weight_count() - head) * (decodes + chunk) + 2 * head * (decodes + 1)
-        except Exception as e:  # noqa: BLE001 - out of memory, a capture that fails: record it, go on
-            row.errors.setdefault("ours", _why(e))
-        finally:
-            del engine
-            free_cuda_memory()
+
+        with_engine(row, "ours", lambda: Engine.from_preset(
+            preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+            load_vision=False, load_audio=False), step)
         rec.record(row)
     # ---- agent loop ----------------------------------------------------------------------------------
     preset, (w, h), system, step_tokens, new = (("glm4v-tiny", (56, 56), 16, 8, 2) if small
@@ -196,21 +190,16 @@ def run(rec: Recorder) -> None:
               dname, {}, timer="engine")
     if not rec.selected(row.case, row.shape):
         return
+    sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8192, max_model_len=20480)
     for impl, caching in (("ours", True), ("ours, no prefix caching", False)):
-        engine = None
-        try:
-            sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=8192, max_model_len=20480)
-            engine = Engine.from_preset(preset, dtype=dtype, device=opts.device, scheduler=sched, backend="fast",
-                                        cuda_graphs=True, enable_prefix_caching=caching,
-                                        mm_processor_kwargs={"max_pixels": 5_000_000})
+        def loop(engine, impl=impl):
             stats = agent_loop(engine, _screenshots(steps, w, h), system, step_tokens, new)
             row.ms[impl] = stats.pop("ms")
             row.metrics.update({f"{impl}: {k}": v for k, v in stats.items()})
             if impl == "ours":
                 row.graphs["ours"] = engine.graph_state.status
-        except Exception as e:  # noqa: BLE001 - out of memory, no Pillow: record it, go on
-            row.errors.setdefault(impl, _why(e))
-        finally:
-            del engine
-            free_cuda_memory()
+
+        with_engine(row, impl, lambda caching=caching: Engine.from_preset(
+            preset, dtype=dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+            enable_prefix_caching=caching, mm_processor_kwargs={"max_pixels": 5_000_000}), loop)
     rec.record(row)
