@@ -73,13 +73,13 @@ class DecodeGraphs:
             status, reason = ("captured" if self.graphs else "pending"), None
         return GraphState(status, reason, self.replays, tuple(sorted({k[0] for k in self.graphs})))
 
-    def run(self, requests, plan: SamplingPlan, generators=None) -> list[list[float]]:
-        """Decode one token for each request (its last token is in the batch, its new block reserved);
-        returns `pack`'s rows as host lists: the step's single device-to-host read."""
+    def run(self, requests, plan: SamplingPlan, below_min: list[bool], generators=None) -> list[list[float]]:
+        """Decode one token for each request (its last token is in the batch, its new block reserved;
+        below_min: still short of min_tokens); returns `pack`'s rows as host lists: the step's single
+        device-to-host read."""
         B = len(requests)
         Bp = next(b for b in self.buckets if b >= B)
-        below = [len(r.output_ids) < r.params.min_tokens for r in requests]
-        self.batch.stage(requests, [r.num_computed for r in requests], below, Bp)
+        self.batch.stage(requests, [r.num_computed for r in requests], below_min, Bp)
         if plan.seeded:  # the graph stops at the logits; the seeded rows' generators sample eagerly
             logits = self._launch((Bp, None))
             staged = self.batch.staged[:, :Bp]

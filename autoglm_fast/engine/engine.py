@@ -198,8 +198,8 @@ class Engine:
         requests, counts = [r for r, _ in decodes + chunks], [n for _, n in decodes + chunks]
         generating = not chunks and all(r.num_computed >= len(r.prompt_ids) for r in requests)
         if generating and self.runner.can_decode(requests):  # the whole step on the device
-            sampled = requests
-            rows = self.runner.decode(requests, SamplingPlan.of([r.params for r in requests], self._below_min(requests)),
+            sampled, below = requests, self._below_min(requests)
+            rows = self.runner.decode(requests, SamplingPlan.of([r.params for r in requests], below), below,
                                       [r.generator for r in requests])
         else:
             logits = self.runner.run(requests, counts)

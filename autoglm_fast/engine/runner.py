@@ -31,10 +31,10 @@ class FastRunner:
     def can_decode(self, requests: list[Request]) -> bool:
         return self.graphs is not None and len(requests) <= self.graphs.max_batch
 
-    def decode(self, requests: list[Request], plan, generators) -> list[list[float]]:
+    def decode(self, requests: list[Request], plan, below_min: list[bool], generators) -> list[list[float]]:
         """A step of decodes alone (can_decode): packed samples per request (sampling.pack)."""
         self.cache.append([r.request_id for r in requests], [1] * len(requests))
-        return self.graphs.run(requests, plan, generators)
+        return self.graphs.run(requests, plan, below_min, generators)
 
     def run(self, requests: list[Request], num_tokens: list[int]) -> torch.Tensor:
         rt = self.runtime
