@@ -54,7 +54,8 @@ def _gathered(pool, tables, ctx: int):
 
 def run(rec: Recorder) -> None:
     from autoglm_fast.kernels.norms import reference_rms_norm, reference_swiglu, rms_norm, swiglu
-    from autoglm_fast.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+    from autoglm_fast.kernels.paged_attention import paged_prefill_attention
+    from autoglm_fast.kernels.paged_decode import paged_decode_attention
     from autoglm_fast.kernels.rotary_cache import qkv_rope_cache_write, reference_qkv_rope_cache_write
     from autoglm_fast.reference.glm import rotary_inv_freq
 

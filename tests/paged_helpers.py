@@ -4,7 +4,7 @@ import torch
 
 from autoglm_fast.config import TextConfig
 from autoglm_fast.paged_cache import PagedKVCache
-from autoglm_fast.kernels.paged_attention import paged_decode_attention
+from autoglm_fast.kernels.paged_decode import paged_decode_attention
 from kernel_harness import DEVICE, nan_like, randn
 
 SMALL = (6, 2, 12)  # the nano model: 6 query heads, 2 KV heads (group 3), head_dim 12

@@ -4,8 +4,8 @@ no step wrote filled with NaN, so a wrong page, slot or key range shows up as a 
 import pytest
 import torch
 
-from autoglm_fast.kernels.paged_attention import (MAX_SPLITS, decode_num_splits, paged_decode_attention,
-                                                  paged_prefill_attention, reference_paged_attention)
+from autoglm_fast.kernels.paged_attention import paged_prefill_attention, reference_paged_attention
+from autoglm_fast.kernels.paged_decode import MAX_SPLITS, decode_num_splits, paged_decode_attention
 from kernel_harness import DOT_DTYPES, assert_matches, assert_within, nan_like, reference_pair, requires_kernels
 from paged_helpers import GLM, SMALL, cache_args, chunk_step, decode_case, make_cache, queries, run_decode
 

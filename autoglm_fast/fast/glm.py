@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.norms import rms_norm, swiglu
-from ..kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from ..kernels.paged_attention import paged_prefill_attention
+from ..kernels.paged_decode import paged_decode_attention
 from ..kernels.rotary_cache import qkv_rope_cache_write
 from ..paged_cache import PagedLayerCache
 from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm, rotary_inv_freq
