@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=SUBDIRS,
-    package_data={"autoglm_fast.checkpoints": ["*/*"]},
+    package_data={"autoglm_fast.checkpoints": ["*/*"], "autoglm_fast.kernels": ["tuned/*.json"]},
     install_requires=["torch>=2.4", "triton>=3.6", "numpy", "safetensors>=0.4"],
     extras_require={"serve": serve, "bench": bench, "test": test, "dev": sorted(set(serve + test))},
     entry_points={"console_scripts": ["autoglm-fast=autoglm_fast.cli:main"]},

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 TARGETS = {"sm_80": (80, 166_912), "sm_89": (89, 101_376), "sm_90": (90, 232_448)}
 # The modules (under autoglm_fast.kernels) whose compile_specs() the matrix compiles.
 MODULES = ("linear", "adapter_attention", "gated_fusion", "norms", "rotary_cache", "paged_attention", "paged_decode",
-           "vision_rope")
+           "vision_rope", "swiglu_down")
 # What the report (compile_report --json) holds per kernel x config x target, in this order.
 REPORT_KEYS = ("kernel", "config", "target", "registers", "spill_bytes", "smem_bytes", "global_loads",
                "global_stores", "mma", "cp_async", "tma")
@@ -258,7 +258,8 @@ def compile_all(kernels: list[str] | None = None, targets: list[str] | None = No
     cannot be compiled, and `make test` sets it on GPU-less machines.
     """
     specs = all_specs()
-    jobs = [(i, t) for i, s in enumerate(specs) if not kernels or s.kernel in kernels for t in (targets or TARGETS)]
+    jobs = [(i, t) for i, s in enumerate(specs) if not kernels or s.kernel in kernels for t in (targets or TARGETS)
+            if s.targets is None or t in s.targets]
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         ctx = multiprocessing.get_context("spawn")

@@ -19,12 +19,16 @@ SWIGLU_BLOCK = 1024
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, H, eps, stride_x, stride_y, stride_r, stride_s,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, r_ptr, s_ptr, pw_ptr, H, eps, pre_eps, stride_x, stride_y, stride_r,
+                    stride_s, HAS_RESIDUAL: tl.constexpr, PRE_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     m = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+    if PRE_NORM:  # a sandwich norm on x before the add (GLM-4.1V's post_*_layernorm), rounded as the reference
+        pre = (x * tl.rsqrt(tl.sum(x * x) / H + pre_eps)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = (pw * pre).to(y_ptr.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
         # Round the sum to the dtype first: the reference adds in the dtype and normalizes the rounded sum.
         # The whole row is in registers before the store, so s_ptr may alias r_ptr (in-place residual).
@@ -58,9 +62,12 @@ def _rows_like(name: str, t, x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+             out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+             pre_weight: torch.Tensor | None = None, pre_eps: float | None = None):
     """x [..., H], weight [H] -> y; with a residual -> (y, residual_out) where residual_out = x + residual
-    (a new tensor unless given; passing `residual` itself updates it in place) and y = rmsnorm of it."""
+    (a new tensor unless given; passing `residual` itself updates it in place) and y = rmsnorm of it.
+    pre_weight (with a residual): x is first normed by its own RMSNorm (pre_weight, pre_eps), so
+    residual_out = rmsnorm_pre(x) + residual - a sandwich norm, the add and the next norm in one pass."""
     check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
@@ -71,6 +78,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if residual is None and residual_out is not None:
         raise ValueError("residual_out was given without a residual")
+    if pre_weight is not None:
+        if residual is None:
+            raise ValueError("pre_weight was given without a residual")
+        check_tensor("pre_weight", pre_weight, ndim=1, like=x)
+        check_shape("pre_weight", pre_weight, (H,))
+        if not isinstance(pre_eps, (int, float)) or pre_eps < 0:
+            raise ValueError(f"pre_eps must be a non-negative float with pre_weight, got {pre_eps!r}")
     x2 = as_rows("x", x, H)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -83,9 +97,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         s2 = _rows_like("residual_out", residual_out, x)
     if x2.shape[0] and H:
         block_h = triton.next_power_of_2(H)
-        rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, r2, s2, H, float(eps), x2.stride(0), y2.stride(0),
-                                        r2.stride(0), s2.stride(0), HAS_RESIDUAL=residual is not None,
-                                        BLOCK_H=block_h, num_warps=_norm_warps(block_h))
+        rms_norm_kernel[(x2.shape[0],)](x2, weight, y2, r2, s2, weight if pre_weight is None else pre_weight, H,
+                                        float(eps), float(pre_eps or 0.0), x2.stride(0), y2.stride(0), r2.stride(0),
+                                        s2.stride(0), HAS_RESIDUAL=residual is not None,
+                                        PRE_NORM=pre_weight is not None, BLOCK_H=block_h,
+                                        num_warps=_norm_warps(block_h))
     return out if residual is None else (out, residual_out)
 
 
@@ -109,11 +125,16 @@ def swiglu(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def reference_rms_norm(x, weight, eps, residual=None):
-    """Eager RMSNorm of autoglm_fast/reference/glm.py, after the decoder layer's `residual + h` add."""
+def reference_rms_norm(x, weight, eps, residual=None, pre_weight=None, pre_eps=None):
+    """Eager RMSNorm of autoglm_fast/reference/glm.py, after the decoder layer's `residual + h` add
+    (h = x, or its own RMSNorm with pre_weight: the sandwich norm of GLM-4.1V's layers)."""
+    def norm(v, w, e):
+        v32 = v.to(compute_dtype(v.dtype))
+        return w * (v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + e)).to(v.dtype)
+    if pre_weight is not None:
+        x = norm(x, pre_weight, pre_eps)
     s = x if residual is None else residual + x
-    x32 = s.to(compute_dtype(s.dtype))
-    y = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    y = norm(s, weight, eps)
     return y if residual is None else (y, s)
 
 
@@ -132,13 +153,13 @@ def compile_specs():
     specs = []
     for dtype in ("fp16", "bf16"):
         t = TensorArg(dtype)
-        rows = {"x_ptr": t, "w_ptr": t, "y_ptr": t, "r_ptr": t, "s_ptr": t, "H": hidden, "eps": 1e-5,
-                **{s: hidden for s in ("stride_x", "stride_y", "stride_r", "stride_s")}, "BLOCK_H": block_h}
-        for res in (False, True):
-            specs.append(CompileSpec("rms_norm", rms_norm_kernel, {**rows, "HAS_RESIDUAL": res},
+        rows = {"x_ptr": t, "w_ptr": t, "y_ptr": t, "r_ptr": t, "s_ptr": t, "pw_ptr": t, "H": hidden, "eps": 1e-5,
+                "pre_eps": 1e-5, **{s: hidden for s in ("stride_x", "stride_y", "stride_r", "stride_s")},
+                "BLOCK_H": block_h}
+        for res, pre, name in ((False, False, "plain"), (True, False, "+residual"), (True, True, "pre-norm+residual")):
+            specs.append(CompileSpec("rms_norm", rms_norm_kernel, {**rows, "HAS_RESIDUAL": res, "PRE_NORM": pre},
                                      num_warps=_norm_warps(block_h),
-                                     label=f"{dtype} H={hidden} {'+residual' if res else 'plain'} "
-                                           f"w{_norm_warps(block_h)}"))
+                                     label=f"{dtype} H={hidden} {name} w{_norm_warps(block_h)}"))
         args = {"x_ptr": t, "y_ptr": t, "I": intermediate, "stride_x": 2 * intermediate, "stride_y": intermediate,
                 "BLOCK": block}
         specs.append(CompileSpec("swiglu", swiglu_kernel, args, num_warps=4,

@@ -6,7 +6,9 @@ Query i of a sequence with q_len new tokens sits at position seq_len - q_len + i
 
 - Prefill / chunked prefill: flash attention (online softmax in the log2 domain, fp32 accumulate)
   per (query head, BLOCK_M query rows, sequence); keys below the block's first query go through an
-  unmasked loop, the causal diagonal through a masked one. Query head h reads KV head h // group.
+  unmasked loop, the causal diagonal through a masked one. Query head h reads KV head h // group. The
+  longest query blocks run first; the config comes from an offline-tuned table (kernels/tuned/, per GPU
+  target and q bucket), not from a benchmark at launch.
 - Decode (one new token per sequence): flash-decoding, in paged_decode.py (it shares `_attend` and the
   input checks from here).
 Eager reference: `reference_paged_attention` below (decode is its q_len = 1 case).
@@ -20,16 +22,24 @@ import triton
 import triton.language as tl
 
 from .flash import eager_probs, softmax_step
-from .utils import autotune, check_shape, check_tensor, compute_dtype
+from .utils import (TARGETS, TableTuned, check_shape, check_tensor, compute_dtype, config_name, device_target,
+                    tuned_table)
 
 # At head_dim 128 none spills on sm_80/89/90 when compiled as launched (pointers and strides divisible by 16);
-# 64x64 with 4 warps did (stack frame on sm_89). The first is the interpreter's.
+# 64x64 with 4 warps did (stack frame on sm_89). The first is the interpreter's. BLOCK_M >= 64 (4+ warps)
+# compiles to wgmma on sm_90; 32x64 to mma.sync everywhere.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),  # short chunks
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),  # sm_90 only: spills on sm_80/89
 ]
+PREFILL_BY_NAME = {config_name(c): c for c in PREFILL_CONFIGS}
+# The targets each config is offered on (fits shared memory, no spills at head_dim <= 128; compile_specs
+# compiles each for exactly these). 128x128 spills on sm_80/89 (255 registers), fits sm_90's 227 KB.
+PREFILL_TARGETS = {**{name: TARGETS for name in PREFILL_BY_NAME}, "128x128 w8 s3": ("sm_90",)}
+MAX_Q_BUCKET = 4096
 _LOG2E = 1.4426950408889634
 
 
@@ -77,14 +87,16 @@ def _attend(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, lo, hi, qk_scale, s
     return acc, l_i, m_i
 
 
-@autotune(PREFILL_CONFIGS, key=["Q_BUCKET", "HEAD_DIM"])
 @triton.jit
-def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, Q_BUCKET, stride_qt, stride_qh,
-                         stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                         stride_bt, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Heads vary fastest: programs running together share their sequence's K/V pages in L2.
-    h, pid_m, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _paged_prefill(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, stride_qt, stride_qh, stride_ot,
+                   stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bt, qk_scale,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Heads vary fastest: programs running together share their sequence's K/V pages in L2. Query blocks run
+    # last-first: under the causal mask later blocks see more keys, and starting the longest ones first keeps
+    # them from straggling in the final wave.
+    h, seq = tl.program_id(0), tl.program_id(2)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     if pid_m * BLOCK_M >= q_len:  # the grid covers the longest query chunk; shorter ones stop here
@@ -115,6 +127,41 @@ def paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, seq_lens_ptr, qsl_p
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rows_ok[:, None] & mask_d[None, :])
+
+
+paged_prefill_kernel = TableTuned(_paged_prefill, PREFILL_CONFIGS)
+
+
+# ---- config choice: an offline-tuned table (kernels/tuned/paged_prefill.json; `autoglm-fast bench --tune`) ----
+def prefill_q_bucket(max_query_len: int) -> int:
+    """The table's key for a launch: max_query_len rounded up to a power of two, at most MAX_Q_BUCKET."""
+    return min(triton.next_power_of_2(max_query_len), MAX_Q_BUCKET)
+
+
+def default_prefill_config(target: str, q_bucket: int, head_dim: int) -> str:
+    """The config a launch takes where the table has no entry. Educated guesses, not measurements: short
+    chunks want small query tiles (more programs over the SMs, little masked work); mid-sized ones 64-row
+    tiles (28 heads x 128-row tiles would leave most of the SMs idle); long ones the biggest tile that fits
+    the target. Above head_dim 128 the configs' shared memory was never checked: the smallest tile."""
+    if head_dim > 128:
+        return config_name(PREFILL_CONFIGS[0])
+    if q_bucket <= 64:
+        return "32x64 w4 s3"
+    if q_bucket <= 512:
+        return "64x32 w4 s2"
+    return "128x128 w8 s3" if target == "sm_90" else "128x64 w8 s2"
+
+
+def choose_prefill_config(target: str, q_bucket: int, head_dim: int, table: dict | None = None) -> triton.Config:
+    """The config for a prefill launch on `target` (sm_80 / sm_89 / sm_90): table[target][head_dim][q_bucket]
+    when the tuned table has it, else `default_prefill_config`."""
+    table = tuned_table("paged_prefill") if table is None else table
+    name = table.get(target, {}).get(str(head_dim), {}).get(str(q_bucket)) or \
+        default_prefill_config(target, q_bucket, head_dim)
+    if target not in PREFILL_TARGETS.get(name, ()):
+        raise ValueError(f"tuned prefill table: {name!r} ({target}, q bucket {q_bucket}) is not a prefill config "
+                         f"for {target}; configs: {[n for n, t in PREFILL_TARGETS.items() if target in t]}")
+    return PREFILL_BY_NAME[name]
 
 
 # ---- launchers ------------------------------------------------------------------------------------
@@ -178,11 +225,13 @@ def paged_prefill_attention(q, k_pool, v_pool, block_tables, seq_lens, query_sta
     out = _output(out, q, tuple(q.shape))
     if q.shape[0] == 0:
         return out
-    grid = lambda meta: (num_heads, triton.cdiv(max_query_len, meta["BLOCK_M"]), num_seqs)  # noqa: E731
-    paged_prefill_kernel[grid](q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc,
-                               min(triton.next_power_of_2(max_query_len), 4096), q.stride(0), q.stride(1),
-                               out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads,
-                               **_common_args(k_pool, v_pool, block_tables, head_dim, scale))
+    cfg = paged_prefill_kernel.config_for(lambda: choose_prefill_config(
+        device_target(q.device.index), prefill_q_bucket(max_query_len), head_dim))
+    grid = (num_heads, triton.cdiv(max_query_len, cfg.kwargs["BLOCK_M"]), num_seqs)
+    paged_prefill_kernel.fn[grid](q, k_pool, v_pool, out, block_tables, seq_lens, query_start_loc, q.stride(0),
+                                  q.stride(1), out.stride(0), out.stride(1), GROUP=num_heads // num_kv_heads,
+                                  **_common_args(k_pool, v_pool, block_tables, head_dim, scale), **cfg.kwargs,
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -227,16 +276,16 @@ def spec_common_args(dtype: str) -> dict:
 
 
 def compile_specs():
-    """Every prefill config, at one 300-token prompt (a block table 10 pages wide) of SPEC_* shapes."""
+    """Every prefill config on each target it is offered for, at one 300-token prompt (a block table 10 pages
+    wide) of SPEC_* shapes."""
     from .specs import CompileSpec, TensorArg
     row = SPEC_HEADS * SPEC_HEAD_DIM
     specs = []
     for dtype in ("fp16", "bf16"):
-        args = {**spec_common_args(dtype), "qsl_ptr": TensorArg("i32"), "Q_BUCKET": 512, "stride_qt": row,
+        args = {**spec_common_args(dtype), "qsl_ptr": TensorArg("i32"), "stride_qt": row,
                 "stride_qh": SPEC_HEAD_DIM, "stride_ot": row, "stride_oh": SPEC_HEAD_DIM, "stride_bt": 10,
                 "GROUP": SPEC_HEADS // SPEC_KV_HEADS}
-        for cfg in PREFILL_CONFIGS:
-            specs.append(CompileSpec.from_config(
-                "paged_prefill_attention", paged_prefill_kernel, args, cfg,
-                label=f"{dtype} {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"))
+        for name, cfg in PREFILL_BY_NAME.items():
+            specs.append(CompileSpec.from_config("paged_prefill_attention", paged_prefill_kernel.fn, args, cfg,
+                                                 label=f"{dtype} {name}", targets=PREFILL_TARGETS[name]))
     return specs

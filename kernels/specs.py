@@ -31,6 +31,7 @@ class CompileSpec:
     num_stages: int | None = None
     hot: bool = True            # hot kernels must not spill registers
     label: str = ""
+    targets: tuple[str, ...] | None = None  # the targets (sm_80, ...) whose launcher can pick it; None: all
 
     @property
     def options(self) -> dict[str, int]:

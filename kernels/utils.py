@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -84,3 +87,49 @@ def as_rows(name: str, t: torch.Tensor, width: int) -> torch.Tensor:
     except RuntimeError:
         raise ValueError(f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as rows "
                          f"of {width}; pass a tensor whose leading dimensions are contiguous") from None
+
+
+# ---- configs from an offline-tuned table (kernels/tuned/*.json) instead of a benchmark at launch --------------
+TARGETS = ("sm_80", "sm_89", "sm_90")  # the compile matrix's targets; tuned tables are kept per target
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def config_name(config: triton.Config) -> str:
+    """'128x64 w8 s2': the meta-parameters' values, warps, stages — how tuned tables and reports name a config."""
+    return "x".join(map(str, config.kwargs.values())) + f" w{config.num_warps} s{config.num_stages}"
+
+
+def gpu_target(capability: tuple[int, int]) -> str:
+    """The target whose configs and tuned table a GPU of this compute capability uses: sm_90 for Hopper, sm_80
+    for A100 and Orin (164 KB of shared memory), sm_89 for the rest: its ~100 KB is the smallest of the three,
+    so what fits there fits (nearly) everywhere."""
+    major, minor = capability
+    return "sm_90" if major == 9 else "sm_80" if (major, minor) in ((8, 0), (8, 7)) else "sm_89"
+
+
+@functools.cache
+def device_target(index: int) -> str:
+    return gpu_target(torch.cuda.get_device_capability(index))
+
+
+@functools.cache
+def tuned_table(name: str) -> dict:
+    """kernels/tuned/<name>.json, read once per process ({} when there is none)."""
+    path = TUNED_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class TableTuned:
+    """A @triton.jit kernel (`fn`) whose launcher picks its config from a table tuned offline, so serving never
+    stalls on a benchmark. `all_configs`: every config it ships; `configs`: those a launch may use — all of them
+    on a GPU, the first under the interpreter, or the one `forced_config` forces (it narrows this list exactly
+    as it does an autotuner's), so tests can run each config."""
+
+    def __init__(self, fn, configs: list[triton.Config]):
+        self.fn, self.all_configs = fn, list(configs)
+        self.configs = self.all_configs[:1] if interpreting() else list(self.all_configs)
+        self.cache: dict = {}
+
+    def config_for(self, choose) -> triton.Config:
+        """The config to launch: the only one when `configs` is narrowed to one, else `choose()` (the table's)."""
+        return self.configs[0] if len(self.configs) == 1 else choose()

@@ -9,6 +9,7 @@ from kernel_harness import DEVICE, nan_like, randn
 
 SMALL = (6, 2, 12)  # the nano model: 6 query heads, 2 KV heads (group 3), head_dim 12
 GLM = (28, 2, 128)  # the real backbone: group 14
+GLM4V = (32, 2, 128)  # GLM-4.1V's backbone: group 16
 
 
 def make_cache(heads, kv_heads, head_dim, block_size, dtype, num_blocks=64):
@@ -49,18 +50,18 @@ def queries(tokens, heads, kv_heads, head_dim, dtype):
     return qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
 
 
-def decode_case(shape, block_size, dtype, lens):
+def decode_case(shape, block_size, dtype, lens, num_blocks=64):
     """Cache holding lens[i] - 1 earlier tokens per sequence plus this step's one token; returns (q, meta, cache)."""
-    cache = make_cache(*shape, block_size, dtype)
+    cache = make_cache(*shape, block_size, dtype, num_blocks)
     meta = chunk_step(cache, [n - 1 for n in lens], [1] * len(lens))
     assert meta.is_decode
     return queries(len(lens), *shape, dtype), meta, cache
 
 
-def run_decode(q, meta, cache, num_splits=None):
+def run_decode(q, meta, cache, num_splits=None, **kw):
     out = nan_like(q.shape, q.dtype)
     got = paged_decode_attention(q, cache.k_pools[0], cache.v_pools[0], meta.block_tables, meta.seq_lens,
-                                 meta.max_seq_len, num_splits=num_splits, out=out)
+                                 meta.max_seq_len, num_splits=num_splits, out=out, **kw)
     assert got is out
     return got
 

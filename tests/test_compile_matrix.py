@@ -28,7 +28,7 @@ def test_matrix_covers_every_kernel_and_target(results):
     kernels = {r.kernel for r in results}
     assert kernels == {"linear+gelu", "linear+residual", "linear+layernorm", "adapter_attention", "gated_fusion",
                        "fusion_summary", "rms_norm", "swiglu", "qkv_rope_cache", "paged_prefill_attention",
-                       "paged_decode_attention", "paged_decode_reduce", "vision_rope"}
+                       "paged_decode_attention", "vision_rope", "swiglu_down"}
     for k in kernels:
         assert {r.target for r in results if r.kernel == k} == set(TARGETS)
 
@@ -45,10 +45,20 @@ def test_memory_bound_kernels_move_rows_in_128_bit_accesses(results):
 
 def test_tensor_core_kernels_use_mma(results):
     for r in results:
-        if r.kernel.startswith(("linear", "paged_prefill", "paged_decode_attention", "adapter_attention")):
+        if r.kernel.startswith(("linear", "paged_prefill", "paged_decode_attention", "adapter_attention",
+                                "swiglu_down")):
             assert r.mma in (("wgmma", "mma.sync") if r.target == "sm_90" else ("mma.sync",)), (r.kernel, r.config)
         if r.kernel in ("rms_norm", "swiglu", "gated_fusion"):
             assert r.mma == "none" and r.tma == 0
+
+
+def test_prefill_uses_wgmma_on_sm_90(results):
+    """Hopper's warpgroup MMA for every prefill tile of 64+ query rows, the sm_90-only 128x128 one included."""
+    rows = [r for r in results if r.kernel == "paged_prefill_attention" and r.target == "sm_90"]
+    assert any("128x128" in r.config for r in rows)
+    for r in rows:
+        if not r.config.split()[1].startswith("32x"):
+            assert r.mma == "wgmma", (r.config, r.mma)
 
 
 def _spec(kernel: str, label_part: str = "") -> CompileSpec:

@@ -1,6 +1,7 @@
-"""Every config of every autotuned kernel, forced one at a time (`forced_config`), against the reference.
+"""Every config of every autotuned or table-tuned kernel, forced one at a time (`forced_config`), against the
+reference.
 
-The interpreter keeps only the first config and a GPU runs only the one that wins its benchmark, so
+The interpreter keeps only the first config and a GPU runs only the one that wins its benchmark (or its table), so
 without this a shipped config could be wrong and never run in a test. Shapes are small but span several
 tiles of the largest config (145 = 128 + 17), so tile edges and masks are crossed in every config.
 """
@@ -15,8 +16,8 @@ import autoglm_fast.kernels as kernels_pkg
 from autoglm_fast.kernels import adapter_attention as attn_mod
 from autoglm_fast.kernels import linear as linear_mod
 from autoglm_fast.kernels import paged_attention as paged_mod
-from autoglm_fast.kernels.utils import forced_config
-from kernel_harness import DEVICE, DOT_DTYPES, assert_matches, nan_like, randn, requires_kernels
+from autoglm_fast.kernels.utils import TableTuned, config_name, device_target, forced_config
+from kernel_harness import DEVICE, DOT_DTYPES, ON_GPU, assert_matches, nan_like, randn, requires_kernels
 from paged_helpers import SMALL, cache_args, chunk_step, make_cache, queries
 
 pytestmark = requires_kernels
@@ -46,6 +47,9 @@ def _adapter_attention(dtype):
 
 
 def _paged_prefill(dtype):
+    name = config_name(paged_mod.paged_prefill_kernel.configs[0])  # the config forced_config forces
+    if ON_GPU and device_target(torch.cuda.current_device()) not in paged_mod.PREFILL_TARGETS[name]:
+        pytest.skip(f"{name} is not offered on this GPU")
     cache = make_cache(*SMALL, 16, dtype)
     meta = chunk_step(cache, [40, 0], [81, M])  # a chunk on a cached prefix, and a fresh prompt
     q = queries(81 + M, *SMALL, dtype)
@@ -61,7 +65,8 @@ CASES = {linear_mod.linear_kernel: _linear, linear_mod.linear_layernorm_kernel: 
 def _autotuned_kernels():
     mods = [importlib.import_module(f"autoglm_fast.kernels.{m.name}")
             for m in pkgutil.iter_modules(kernels_pkg.__path__)]
-    return {obj for mod in mods for obj in vars(mod).values() if isinstance(obj, triton.runtime.Autotuner)}
+    return {obj for mod in mods for obj in vars(mod).values()
+            if isinstance(obj, (triton.runtime.Autotuner, TableTuned))}
 
 
 def test_every_autotuned_kernel_has_a_case():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from autoglm_fast.kernels.norms import reference_rms_norm, reference_swiglu, rms_norm, swiglu
 from autoglm_fast.reference.glm import RMSNorm
 from kernel_harness import (ALL_DTYPES, DEVICE, assert_matches, assert_within, nan_like, randn, reference_pair,
-                            requires_kernels)
+                            requires_kernels, tolerance_failures)
 
 pytestmark = requires_kernels
 EPS = 1.5625e-7  # GLM's rms_norm_eps
@@ -36,6 +36,41 @@ def test_rms_norm_matches_reference(dtype, rows, H, mode):
     assert y is out and s is res_out
     assert_within(s, exact_s, eager_s)
     assert_within(y, exact_y, eager_y)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rows", [1, 16, 33])
+@pytest.mark.parametrize("H", [72, 1041])
+def test_pre_norm_residual_matches_reference(dtype, rows, H):
+    """GLM-4.1V's sandwich norm, residual add and the next norm in one pass: s = r + rmsnorm_pre(x), y = rmsnorm(s)."""
+    x, residual, w = _norm_inputs(rows, H, dtype, seed=3 * rows + H)
+    pre_w = (1 + 0.2 * torch.randn(H, device=DEVICE)).to(dtype)
+    (exact_y, exact_s), (eager_y, eager_s) = reference_pair(reference_rms_norm, x, w, EPS, residual=residual,
+                                                            pre_weight=pre_w, pre_eps=1e-5)
+    out = nan_like((rows, H), dtype)
+    y, s = rms_norm(x, w, EPS, residual=residual.clone(), out=out, residual_out=None, pre_weight=pre_w, pre_eps=1e-5)
+    assert y is out
+    assert_within(s, exact_s, eager_s)
+    assert_within(y, exact_y, eager_y)
+    # the pre-norm matters: skipping it (or its weight) is far outside the tolerance
+    (_, plain_s) = reference_rms_norm(x, w, EPS, residual=residual)
+    assert tolerance_failures(plain_s, exact_s, eager_s)
+    (_, unweighted_s) = reference_rms_norm(x, w, EPS, residual=residual, pre_weight=torch.ones_like(pre_w),
+                                           pre_eps=1e-5)
+    assert tolerance_failures(unweighted_s, exact_s, eager_s)
+
+
+def test_pre_norm_matches_glm_modules_fp32():
+    """The GLM-4.1V layer's `x + post_norm(h)` then `norm(...)`, by the reference modules."""
+    x, residual, w = _norm_inputs(5, 72, torch.float32, seed=7)
+    pre, post = RMSNorm(72, 1e-5).to(DEVICE), RMSNorm(72, EPS).to(DEVICE)
+    with torch.no_grad():
+        pre.weight.copy_(1 + 0.3 * torch.randn(72, device=DEVICE))
+        post.weight.copy_(w)
+        s_ref = residual + pre(x)
+        y, s = rms_norm(x, w, EPS, residual=residual, pre_weight=pre.weight, pre_eps=1e-5)
+        torch.testing.assert_close(s, s_ref, rtol=1.3e-6, atol=1e-6)
+        torch.testing.assert_close(y, post(s_ref), rtol=1.3e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -89,6 +124,12 @@ def test_bad_inputs_name_the_argument():
         rms_norm(x, w, EPS, out=nan_like((4, 9), torch.float32))
     with pytest.raises(ValueError, match="eps must be"):
         rms_norm(x, w, -1.0)
+    with pytest.raises(ValueError, match="pre_weight was given without a residual"):
+        rms_norm(x, w, EPS, pre_weight=w, pre_eps=EPS)
+    with pytest.raises(ValueError, match="pre_weight must have shape"):
+        rms_norm(x, w, EPS, residual=residual, pre_weight=w[:7], pre_eps=EPS)
+    with pytest.raises(ValueError, match="pre_eps must be"):
+        rms_norm(x, w, EPS, residual=residual, pre_weight=w)
     with pytest.raises(ValueError, match="x with shape .* cannot be viewed as rows"):
         rms_norm(randn(3, 2, 8).transpose(0, 1), w, EPS)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):

@@ -4,9 +4,12 @@ Attention's launch grid follows the step's sequences (how many decode, how long 
 cannot be captured once for all steps; everything else in a layer only sees a number of token rows.
 So each layer is two graphs per token bucket, with attention launched eagerly between them:
 
-    before   input norm -> qkv GEMM -> bias + RoPE + K/V cache write     (static rows in, q out)
+    before   residual add + input norm -> qkv GEMM -> bias + RoPE + K/V cache write   (q out)
     attend   split-K decode for the one-token rows, prefill for the chunks (eager, exact rows)
-    after    o GEMM -> (sandwich norm) -> residual add + norm -> MLP -> residual add, written back
+    after    o GEMM -> (sandwich norm) + residual add + norm -> MLP                    (MLP out)
+
+The residual stream and the MLP output live in two static buffers updated in place; each layer's MLP
+output is added to the stream by the next layer's input norm (FastGlmModel's threading).
 
 A step's tokens are padded to a bucket (16, 32, 64, ... up to max_num_batched_tokens): padding rows
 sit at position 0 and write their K/V into the cache's reserved null block, and attention never reads
@@ -24,6 +27,7 @@ import warnings
 import torch
 
 from ..families.runtime import FamilyRuntime
+from ..fast.glm import add_norm
 from ..paged_cache import PagedAttentionMetadata, PagedKVCache
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -37,7 +41,8 @@ class PiecewiseGraphs:
         self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
         text, n, dev = runtime.text, self.buckets[-1], cache.device
         dtype = runtime.lm_head.weight.dtype
-        self.x = torch.zeros(n, text.hidden_size, dtype=dtype, device=dev)
+        self.x = torch.zeros(n, text.hidden_size, dtype=dtype, device=dev)  # the last MLP output
+        self.residual = torch.zeros_like(self.x)
         # q and o are static buffers: no layer's graph holds an output of its own
         self.q = torch.zeros(n, text.num_attention_heads, text.head_dim, dtype=dtype, device=dev)
         self.o = torch.zeros_like(self.q)
@@ -73,14 +78,20 @@ class PiecewiseGraphs:
         padded = PagedAttentionMetadata(meta.block_tables, meta.seq_lens, meta.query_start_loc, self.positions[:nb],
                                         self.slots[:nb], meta.max_query_len, meta.max_seq_len, rope_positions=rope)
         exact, graphed = self.cache.layer_caches(meta), self.cache.layer_caches(padded)
+        # The stream starts at 0 so that every layer's input norm adds (0 + embeddings is exact): one graph per
+        # layer and bucket whatever its index.
+        residual, pre = self.residual[:nb], None
+        residual.zero_()
         for i, layer in enumerate(self.backbone.layers):
-            self._piece(("before", i, nb), lambda: layer.before_attention(x, graphed[i], q_out=q))
+            self._piece(("before", i, nb), lambda: layer.before_attention(x, residual, pre, graphed[i], q_out=q,
+                                                                           in_place=True), rewrites=(residual,))
             layer.self_attn.attend(q[:n], exact[i], out=o[:n])
-            self._piece(("after", i, nb), lambda: x.copy_(layer.after_attention(layer.self_attn.output(o), x)),
-                        rewrites=x)
-        return self.backbone.norm(x[:n])
+            self._piece(("after", i, nb), lambda: layer.after_attention(layer.self_attn.output(o), residual, out=x,
+                                                                         in_place=True), rewrites=(residual, x))
+            pre = layer.post_mlp_layernorm
+        return add_norm(self.backbone.norm, x[:n], residual[:n], pre)[0]
 
-    def _piece(self, key: tuple, fn, rewrites: torch.Tensor | None = None):
+    def _piece(self, key: tuple, fn, rewrites: tuple[torch.Tensor, ...] = ()):
         if not self.capture:
             return fn()
         if key not in self.graphs:
@@ -97,20 +108,20 @@ class PiecewiseGraphs:
         self.replays += 1
         return out
 
-    def _capture(self, key: tuple, fn, rewrites: torch.Tensor | None) -> None:
+    def _capture(self, key: tuple, fn, rewrites: tuple[torch.Tensor, ...]) -> None:
         """Warm up (Triton compiles, cuBLAS picks), then capture; the replay that follows does the step's
-        work. A piece that rewrites its own input gets that input back after the warm-up runs."""
+        work. A piece that rewrites its own inputs gets them back after the warm-up runs."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        saved = None if rewrites is None else rewrites.clone()
+        saved = [t.clone() for t in rewrites]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
-        if saved is not None:
-            rewrites.copy_(saved)
+        for t, value in zip(rewrites, saved):
+            t.copy_(value)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = fn()

@@ -2,10 +2,14 @@
 
     FastGlmAttention   fused qkv GEMM (cuBLAS) -> bias + partial RoPE + K/V written into the paged
                        cache (one kernel) -> paged prefill (chunked, causal) or split-K decode attention
-    FastRMSNorm        RMSNorm, optionally with the residual add fused: s = x + r; y = norm(s)
-    FastGlmMLP         gate_up GEMM -> SwiGLU (one pass) -> down GEMM
-    FastGlmDecoderLayer  the layer wiring, with the post-attention residual add fused into its norm
-                       (after the sandwich norm of the attention output, where the config has them)
+    FastRMSNorm        RMSNorm, optionally with the residual add fused: s = x + r; y = norm(s) (and GLM-4.1V's
+                       sandwich norm of x before the add, in the same pass)
+    FastGlmMLP         gate_up GEMM -> down GEMM with SwiGLU fused into its input (decode sizes), or
+                       gate_up GEMM -> SwiGLU (one pass) -> down GEMM
+    FastGlmDecoderLayer  the layer wiring; on the paged cache the residual stream is threaded between layers
+    FastGlmModel       the decoder on the paged cache: each layer's MLP output is added to the residual by
+                       the next layer's input norm (the last one's by the final norm), and no cos/sin tables
+                       are built (the RoPE kernel computes its angles). 8 launches per decode layer.
 
 The attention kernels work on the paged KV cache (autoglm_fast/paged_cache.py). Without one (a
 plain full forward, or the reference's contiguous KVCache) FastGlmAttention runs the reference math.
@@ -17,30 +21,64 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.norms import rms_norm, swiglu
+from ..kernels.swiglu_down import MAX_ROWS as SWIGLU_DOWN_MAX_ROWS, swiglu_down
 from ..kernels.paged_attention import paged_prefill_attention
 from ..kernels.paged_decode import paged_decode_attention
-from ..kernels.rotary_cache import qkv_rope_cache_write
+from ..kernels.rotary_cache import qkv_rope_cache_write, rope_cos_sin_cache
 from ..paged_cache import PagedLayerCache
-from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm, rotary_inv_freq
+from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, GlmModel, RMSNorm, rotary_inv_freq
 from .base import FastModule, fuse_linears
 
 
+_COS_SIN_CACHES: dict[tuple, Tensor] = {}  # (rotary_dim, theta, max_positions, device) -> RoPE table
+
+
 class FastRMSNorm(FastModule, RMSNorm):
-    def forward(self, x: Tensor, residual: Tensor | None = None):
-        """rmsnorm(x); with `residual`: (rmsnorm(x + residual), x + residual)."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, pre: RMSNorm | None = None,
+                in_place: bool = False):
+        """rmsnorm(x); with `residual`: (rmsnorm(s), s) for s = x + residual, or s = pre(x) + residual with
+        a sandwich norm `pre`. in_place: s is written into `residual`."""
         if not self.kernels_usable(x):
+            x = x if pre is None else pre(x)
             if residual is None:
                 return RMSNorm.forward(self, x)
-            s = x + residual
+            s = residual.copy_(x + residual) if in_place else x + residual
             return RMSNorm.forward(self, s), s
-        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
+        if residual is None:
+            return rms_norm(x if pre is None else pre(x), self.weight, self.variance_epsilon)
+        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual,
+                        residual_out=residual if in_place else None,
+                        pre_weight=None if pre is None else pre.weight,
+                        pre_eps=None if pre is None else pre.variance_epsilon)
+
+
+def add_norm(norm: RMSNorm, x: Tensor, residual: Tensor | None, pre: RMSNorm | None = None,
+             in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """(norm(s), s) with s = pre(x) + residual (pre optional), fused where `norm` is fast; without a
+    residual (the first layer) s is x itself."""
+    if residual is None:
+        x = x if pre is None else pre(x)
+        return norm(x), x
+    if isinstance(norm, FastRMSNorm):
+        return norm(x, residual, pre, in_place)
+    s = (x if pre is None else pre(x)) + residual
+    return norm(residual.copy_(s) if in_place else s), (residual if in_place else s)
 
 
 class FastGlmMLP(FastModule, GlmMLP):
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x [..., hidden] -> [..., hidden] (into `out` if given). Decode sizes fuse SwiGLU into the down
+        GEMM (one launch fewer); larger inputs keep cuBLAS for both GEMMs."""
         if not self.kernels_usable(x):
-            return GlmMLP.forward(self, x)
-        return F.linear(swiglu(F.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
+            y = GlmMLP.forward(self, x)
+            return y if out is None else out.copy_(y)
+        gate_up = F.linear(x, self.gate_up_proj.weight)
+        if gate_up.numel() <= SWIGLU_DOWN_MAX_ROWS * gate_up.shape[-1]:
+            return swiglu_down(gate_up, self.down_proj.weight, out=out)
+        act = swiglu(gate_up)
+        if out is None:
+            return F.linear(act, self.down_proj.weight)
+        return torch.matmul(act, self.down_proj.weight.t(), out=out)
 
 
 class FastGlmAttention(FastModule, GlmAttention):
@@ -53,14 +91,16 @@ class FastGlmAttention(FastModule, GlmAttention):
         fused_w, fused_b = fuse_linears(fast.q_proj, fast.k_proj, fast.v_proj)
         fast.register_buffer("qkv_weight", fused_w, persistent=False)
         fast.register_buffer("qkv_bias", fused_b, persistent=False)
-        fast._inv_freq = {}
         return fast
 
-    def inv_freq(self, device: torch.device) -> Tensor:
-        """fp32 rotary frequencies, made once per device (kept out of buffers so .half() can't round them)."""
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rotary_inv_freq(self.rotary_dim, self.rope_theta, device)
-        return self._inv_freq[device]
+    def cos_sin_cache(self, device: torch.device) -> Tensor:
+        """fp32 [max_position_embeddings, rotary_dim] cos | sin table the RoPE kernel reads by position: made
+        once per device and shared by every layer (kept out of buffers so .half() can't round it)."""
+        key = (self.rotary_dim, self.rope_theta, self.max_position_embeddings, device)
+        if key not in _COS_SIN_CACHES:
+            inv_freq = rotary_inv_freq(self.rotary_dim, self.rope_theta, device)
+            _COS_SIN_CACHES[key] = rope_cos_sin_cache(inv_freq, self.max_position_embeddings)
+        return _COS_SIN_CACHES[key]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
         if not isinstance(cache, PagedLayerCache) or not self.kernels_usable(x):
@@ -81,9 +121,12 @@ class FastGlmAttention(FastModule, GlmAttention):
         if rope is not None and self.mrope_section is None:
             raise ValueError("the step's metadata has rope_positions (M-RoPE) but the model's config has no "
                              "mrope_section")
+        if meta.max_seq_len > self.max_position_embeddings:  # a host int: no sync
+            raise ValueError(f"a sequence of the step has {meta.max_seq_len} tokens, more than the model's "
+                             f"max_position_embeddings ({self.max_position_embeddings}), which the RoPE table covers")
         qkv = F.linear(x, self.qkv_weight)  # the bias is added by the epilogue
         return qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
-                                    self.inv_freq(x.device), cache.k_pool, cache.v_pool, self.num_heads,
+                                    self.cos_sin_cache(x.device), cache.k_pool, cache.v_pool, self.num_heads,
                                     self.num_kv_heads, self.head_dim, q_out=q_out,
                                     mrope_section=None if rope is None else self.mrope_section)
 
@@ -109,21 +152,38 @@ class FastGlmAttention(FastModule, GlmAttention):
 
 class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, cache=None) -> Tensor:
-        return self.after_attention(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache), x)
-
-    def before_attention(self, x: Tensor, cache: PagedLayerCache, q_out: Tensor | None = None) -> Tensor:
-        """The layer up to attention, on the paged cache: x [N, hidden] -> q (input norm, qkv, RoPE, K/V write).
-        With `after_attention` it is what a piecewise graph holds (engine/piecewise_graphs.py)."""
-        return self.self_attn.project(self.input_layernorm(x), cache, q_out)
-
-    def after_attention(self, h: Tensor, x: Tensor) -> Tensor:
-        """The layer after attention: h, the projected attention output, and x, the layer's input -> its output."""
-        if self.post_self_attn_layernorm is not None:  # sandwich norms (GLM-4.1V): norm the output first
-            h = self.post_self_attn_layernorm(h)
-        if isinstance(self.post_attention_layernorm, FastRMSNorm):
-            h, x = self.post_attention_layernorm(h, residual=x)  # x = x + h and its norm, in one pass
-        else:
-            x = x + h
-            h = self.post_attention_layernorm(x)
-        h = self.mlp(h)
+        h, x = self.after_attention(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache), x)
         return x + (h if self.post_mlp_layernorm is None else self.post_mlp_layernorm(h))
+
+    def before_attention(self, h: Tensor, residual: Tensor | None, pre: RMSNorm | None, cache: PagedLayerCache,
+                         q_out: Tensor | None = None, in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """The layer up to attention, on the paged cache: the previous layer's MLP output h [N, hidden] is
+        added to the residual stream (after its sandwich norm `pre`, if any) by the input norm, then qkv,
+        RoPE and the K/V write -> (q, residual). With `after_attention` it is what a piecewise graph holds."""
+        x, residual = add_norm(self.input_layernorm, h, residual, pre, in_place)
+        return self.self_attn.project(x, cache, q_out), residual
+
+    def after_attention(self, h: Tensor, residual: Tensor, out: Tensor | None = None,
+                        in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """The layer after attention: h, the projected attention output -> (the MLP's output, the residual
+        stream). The MLP output is not added here: the next norm adds it (after post_mlp_layernorm)."""
+        h, residual = add_norm(self.post_attention_layernorm, h, residual, self.post_self_attn_layernorm, in_place)
+        return self.mlp(h, out=out) if isinstance(self.mlp, FastGlmMLP) else self.mlp(h), residual
+
+
+class FastGlmModel(FastModule, GlmModel):
+    def forward(self, inputs_embeds: Tensor, positions: Tensor, caches=None, rope_positions: Tensor | None = None):
+        if not (caches and isinstance(caches[0], PagedLayerCache) and self.kernels_usable(inputs_embeds)
+                and all(isinstance(layer, FastGlmDecoderLayer) for layer in self.layers)):
+            return GlmModel.forward(self, inputs_embeds, positions, caches, rope_positions)
+        B, T, hidden = inputs_embeds.shape
+        if B * T != caches[0].meta.positions.shape[0]:
+            raise ValueError(f"the step's metadata describes {caches[0].meta.positions.shape[0]} tokens, the "
+                             f"input has {B * T}")
+        h, residual, pre = inputs_embeds.reshape(B * T, hidden), None, None
+        for layer, cache in zip(self.layers, caches):
+            q, residual = layer.before_attention(h, residual, pre, cache)
+            attn = layer.self_attn
+            h, residual = layer.after_attention(attn.output(attn.attend(q, cache)), residual)
+            pre = layer.post_mlp_layernorm
+        return add_norm(self.norm, h, residual, pre)[0].reshape(B, T, hidden)

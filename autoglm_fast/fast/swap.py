@@ -10,18 +10,19 @@ from ..kernels.utils import device_supported
 from ..reference.adapter import DualPathAdapter
 from ..reference.clip import CLIPAttention
 from ..reference.fusion import GatedFusion
-from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, RMSNorm
+from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, GlmModel, RMSNorm
 from ..reference.whisper import WhisperAttention
 from .adapter import FastDualPathAdapter
 from .encoders import FastCLIPAttention, FastWhisperAttention
 from .fusion import FastGatedFusion
-from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastRMSNorm
+from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastGlmModel, FastRMSNorm
 
 # reference class -> fast class (exact types: a subclass may change the math). The shared layers are
 # here; a family's own (e.g. GLM-4.1V's vision blocks) come from its `fast_modules` entry, read lazily.
 FAST_MODULES: dict[type, type] = {
     DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
-    GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention, GlmMLP: FastGlmMLP,
+    GlmModel: FastGlmModel, GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention,
+    GlmMLP: FastGlmMLP,
     RMSNorm: FastRMSNorm, CLIPAttention: FastCLIPAttention, WhisperAttention: FastWhisperAttention,
 }
 

@@ -95,6 +95,7 @@ class GlmAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.max_position_embeddings = config.max_position_embeddings  # the fast attention's cos/sin table
         self.mrope_section = config.mrope_section  # the fast attention's M-RoPE (cos/sin come ready here)
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
