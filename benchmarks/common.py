@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 NAN = float("nan")
+SMALL_L2 = 64 << 10  # the L2 size --shapes small assumes (see Options.l2)
 
 
 @dataclass
@@ -39,6 +41,9 @@ class Row:
     # implementation -> the CUDA-graph state its engine reported after it ran ("captured", "fallback",
     # "pending", "off" without CUDA); only implementations that asked for graphs are listed
     graphs: dict[str, str] = field(default_factory=dict)
+    # how L2 was kept out of the time: "rotate N copies" (graph rows), "flush" (do_bench flushes it before
+    # each call), "one copy" (call timer, no L2 to speak of); "" for engine rows, whose steps stream GBs
+    l2: str = ""
 
     def _bounds_ms(self, c: Ceilings) -> tuple[float, float]:
         """(memory, compute) lower bounds in ms; a bound that is not known counts as 0."""
@@ -67,26 +72,123 @@ class Row:
         return d
 
 
-def bench(fn: Callable[[], object], timer: str) -> tuple[float, float, float, str]:
+def bench(fn: Callable[[], object], timer: str, copies: int = 1) -> tuple[float, float, float, str]:
     """(median, 20 %, 80 %) ms and the timer actually used.
 
     "stream": triton.testing.do_bench (L2 flushed between calls). "graph": the calls unrolled into one CUDA
-    graph (do_bench_cudagraph), for launch-bound decode-size ops - falls back to "stream" if `fn` cannot be
-    captured. "call": one timed call after one warm-up, on any device (smoke runs; measures nothing real).
+    graph (_graph_ms), for launch-bound decode-size ops; `copies`: how many input copies `fn` rotates
+    through (see rotating) - falls back to "stream" if `fn` cannot be captured. "call": one timed call after
+    one warm-up, on any device (smoke runs; measures nothing real).
     """
     if timer == "call":
         ms = timed_ms(fn, 1)
         return ms, ms, ms, timer
     fn()  # warm-up: Triton autotuning and torch.compile happen here, outside any capture
-    from triton.testing import do_bench, do_bench_cudagraph
+    from triton.testing import do_bench
     if timer == "graph":
         try:
-            med, lo, hi = do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+            med, lo, hi = _graph_ms(fn, copies)
             return med, lo, hi, "graph"
         except Exception:  # noqa: BLE001 - host syncs or allocator use during capture: time it on the stream
             torch.cuda.synchronize()
     med, lo, hi = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
     return med, lo, hi, "stream"
+
+
+def _graph_ms(fn: Callable[[], object], copies: int, rep_ms: float = 20.0, replays: int = 10):
+    """triton's do_bench_cudagraph, but the unrolled call count is a multiple of `copies` (at least one
+    round): the graph reads every copy equally often, each replay picks up where the last one ended, and a
+    rotation longer than the ~20 ms of calls still cycles through all of its copies (else the graph would
+    replay a subset that may fit L2)."""
+    torch.cuda.synchronize()  # the inputs were made on the default stream
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate = start.elapsed_time(end) / 5
+        calls = max(copies, int(rep_ms / estimate) if estimate > 0 else 1000)
+        calls = -(-calls // copies) * copies
+        graph = torch.cuda.CUDAGraph()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collected Triton kernel unloads its module: illegal while capturing
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+    med, lo, hi = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return med, lo, hi
+
+
+def l2_cache_bytes(device) -> int:
+    """The device's L2 size (0 without CUDA: the CPU smoke runs time one call and model no cache)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def copies_needed(bytes_per_call: int, l2_bytes: int) -> int:
+    """Copies whose rotation reads more than twice the L2 before a copy comes round again: a call then
+    finds none of its inputs still cached, as a layer finds none of its weights or KV (the other layers'
+    went through L2 since)."""
+    if l2_bytes <= 0 or bytes_per_call <= 0:
+        return 1
+    return -(-2 * l2_bytes // bytes_per_call) + 1
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.nbytes
+    if isinstance(obj, torch.nn.Module):
+        return sum(t.nbytes for t in itertools.chain(obj.parameters(), obj.buffers()))
+    return 0
+
+
+@dataclass
+class Rotation:
+    """Independent copies of one row's inputs, used in turn (as a model's layers each read their own)."""
+    copies: list[Sequence]
+    l2: str  # what it does about L2, for the row: "rotate N copies", "flush" (no room for copies), "one copy"
+
+    def cycle(self, fn: Callable[..., object]) -> Callable[[], object]:
+        """A no-argument callable whose i-th call is fn(*copies[i mod n]); each cycle() counts from 0."""
+        inputs = itertools.cycle(self.copies)
+        return lambda: fn(*next(inputs))
+
+
+def rotating(make_inputs: Callable[[], Sequence], bytes_per_call: int, l2_bytes: int,
+             free_bytes: int | None = None) -> Rotation:
+    """n = copies_needed(bytes_per_call, l2_bytes) fresh results of make_inputs() (tensors or modules).
+
+    If n - 1 more copies would take over half the free memory (default: the CUDA device's, none on a
+    CPU), there is one copy and l2 = "flush": the caller times on the stream, with L2 flushed per call.
+    """
+    first = tuple(make_inputs())
+    n = copies_needed(bytes_per_call, l2_bytes)
+    if n == 1:
+        return Rotation([first], "one copy")
+    if free_bytes is None:
+        devices = {t.device for t in first if torch.is_tensor(t) and t.device.type == "cuda"}
+        free_bytes = torch.cuda.mem_get_info(devices.pop())[0] if devices else None
+    if free_bytes is not None and (n - 1) * sum(map(_nbytes, first)) > free_bytes // 2:
+        return Rotation([first], "flush")
+    return Rotation([first] + [tuple(make_inputs()) for _ in range(n - 1)], f"rotate {n} copies")
 
 
 def free_cuda_memory() -> None:
@@ -163,6 +265,8 @@ class Options:
     compile_mode: str | None = None    # torch.compile mode for the "compile" baselines; None: no such column
     filter: str | None = None          # only cases whose "case shape" contains this (case-insensitive)
     compile_reference: bool = False    # e2e: also time torch.compile of the reference backend
+    part: str = "all"                  # "headline": only the headline rows; "rest": all others; "all"
+    l2_bytes: int | None = None        # L2 size the rotations assume; None: see `l2`
 
     @property
     def small(self) -> bool:
@@ -175,6 +279,14 @@ class Options:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def l2(self) -> int:
+        """The device's L2 - but a nominal SMALL_L2 with small shapes: their tiny rows then rotate a few
+        dozen copies (the plumbing of real runs, on any device) instead of tens of thousands."""
+        if self.l2_bytes is not None:
+            return self.l2_bytes
+        return SMALL_L2 if self.small else l2_cache_bytes(self.device)
 
 
 def compiled(fn: Callable, mode: str) -> Callable:
@@ -219,43 +331,69 @@ class Recorder:
     def __init__(self, suite: str, opts: Options, on_row: Callable[[Row], None] | None = None):
         self.suite, self.opts, self.on_row, self.rows = suite, opts, on_row, []
 
-    def selected(self, case: str, shape: str) -> bool:
+    def selected(self, case: str, shape: str, headline: bool = False) -> bool:
+        """-k matches "case shape"; --part headline keeps only the headline rows, --part rest the others."""
+        part = self.opts.part
+        if (part == "headline" and not headline) or (part == "rest" and headline):
+            return False
+        return self.matches(case, shape)
+
+    def matches(self, case: str, shape: str) -> bool:
+        """-k alone (case-insensitive substring of "case shape")."""
         return not self.opts.filter or self.opts.filter.lower() in f"{case} {shape}".lower()
 
-    def add(self, case: str, shape: str, impls: dict[str, Callable | None], *, bytes: int = 0, flops: int = 0,
-            graph: bool = False, check: bool = True) -> Row | None:
+    def add(self, case: str, shape: str, impls: dict[str, Callable | None], *,
+            inputs: Callable[[], Sequence] | None = None, bytes: int = 0, flops: int = 0, graph: bool = False,
+            check: bool = True, headline: bool = False) -> Row | None:
         """Time every implementation (plus torch.compile of "eager" when the options ask for it).
 
-        graph=True: a decode-size op whose launch overhead would dominate - timed as CUDA-graph replay.
+        inputs: makes one copy of the row's inputs; the implementations then take them as arguments.
+        Graph-timed rows rotate through enough copies that L2 holds none of a call's inputs (rotating);
+        stream-timed rows use one copy (do_bench flushes L2 before each call).
+        graph=True: a decode-size op whose launch overhead would dominate - timed as CUDA-graph replay;
+        it needs `inputs` (replaying one set of inputs would time L2, not HBM).
         check=True: ours and eager compute the same thing from the same inputs; their outputs are compared.
+        headline: one of the rows `--part headline` runs (a time-boxed GPU check measures those first).
         An implementation that raises is recorded as an error on the row; the run goes on.
         """
-        if not self.selected(case, shape):
+        if graph and inputs is None:
+            raise TypeError(f"{case} {shape}: a graph-timed row needs inputs= (copies to rotate past L2)")
+        if not self.selected(case, shape, headline):
             return None
-        impls = dict(impls)
-        if self.opts.compile_mode and impls.get("eager") is not None:
-            impls["compile"] = lambda: compiled(impls["eager"], self.opts.compile_mode)
+        impls = {k: v for k, v in impls.items() if v is not None}
+        if self.opts.compile_mode and "eager" in impls:
+            impls["compile"] = None  # compiled below, afresh for this case
         row = Row(self.suite, case, shape, self.opts.dtype_name, {}, bytes=bytes, flops=flops)
         timer = "graph" if graph and self.opts.timer == "stream" else self.opts.timer
-        ready, used = {}, set()
-        for impl, fn in impls.items():
-            if fn is None:
-                continue
+        rotation = None
+        if inputs is not None:
             try:
-                fn = fn() if impl == "compile" else fn
-                med, lo, hi, how = bench(fn, timer)
-                row.ms[impl], row.quantiles[impl], ready[impl] = med, (lo, hi), fn
+                rotation = (rotating(inputs, bytes, self.opts.l2) if graph and timer != "stream" else
+                            Rotation([tuple(inputs())], "flush" if timer == "stream" else "one copy"))
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: the row says so, the run goes on
+                row.errors = {impl: _why(e) for impl in impls}
+                return self.record(row)
+            timer = "stream" if rotation.l2 == "flush" else timer  # no room for copies: flush L2 instead
+        args = rotation.copies[0] if rotation else ()
+        ready, used = {}, set()  # impl -> (its function of the inputs, the timed no-argument call)
+        for impl, fn in impls.items():
+            try:
+                fn = compiled(impls["eager"], self.opts.compile_mode) if impl == "compile" else fn
+                call = rotation.cycle(fn) if rotation else fn
+                med, lo, hi, how = bench(call, timer, len(rotation.copies) if rotation else 1)
+                row.ms[impl], row.quantiles[impl], ready[impl] = med, (lo, hi), (fn, call)
                 used.add(how)
             except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
                 row.errors[impl] = _why(e)
         if len(used) > 1:  # one could not be captured: time them all on the stream, so the row compares alike
-            for impl, fn in ready.items():
-                med, lo, hi, _ = bench(fn, "stream")
+            for impl, (_, call) in ready.items():
+                med, lo, hi, _ = bench(call, "stream")
                 row.ms[impl], row.quantiles[impl] = med, (lo, hi)
             used = {"stream"}
         row.timer = used.pop() if used else timer
+        row.l2 = "flush" if row.timer == "stream" else rotation.l2 if rotation else "one copy"
         if check and "ours" in ready and "eager" in ready:  # a fast wrong kernel must not post a number
-            err = max_error(ready["ours"](), ready["eager"]())
+            err = max_error(ready["ours"][0](*args), ready["eager"][0](*args))
             row.metrics["max error vs eager"] = err
             if not err <= TOLERANCE.get(row.dtype, 2e-2):
                 row.errors["ours"] = f"differs from eager: max |ours - eager| / (1 + |eager|) = {err:.3g}"

@@ -7,11 +7,16 @@ Rows (`autoglm-fast bench --suite e2e`):
 - ttft: one image + 5 s of audio + 64 text tokens to the first generated token; the roofline counts
   the backbone's matmuls over the prompt (encoders left out, so it is a lower bound).
 - throughput b8 / b32: ms per generated token for that many requests at once (tokens/s in metrics).
-- decode b1 at 4k / 32k context (fast backend, graphed): ms per token once a prompt that long is in the
-  cache; the roofline adds the KV cache one step reads to the weights.
-Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset.
+- decode b1 at 4k / 32k context (fast backend, graphed): a prompt that long prefilled, then ms per
+  decoded token; the roofline adds the KV cache one step reads to the weights. At 32k the prompt is
+  32,639 tokens, so that the 128 decoded ones end inside the 9B's 32,768 RoPE positions.
+Peak GPU memory of the fast engine goes in the decode row's metrics. --shapes small: the nano preset,
+contexts of 24 and 48 tokens, a TTFT prompt of 1 s audio + 8 text, 8-token throughput prompts (the
+interpreter takes seconds per token).
 The prefix cache is off here: TTFT repeats one request, which would otherwise be served from the cache
 (e2e_serving.py measures what the cache does).
+Headline rows (--part headline): ours' decode b1, then at 4k and 32k context. --part rest measures the
+others - and the short-context decode b1 again beside its baselines (a merge keeps the later row).
 Each row's `graphs` holds the CUDA-graph state the graphed engine reported after it ran ("captured", or
 "fallback" when capture failed and it decoded eagerly), never the setting that was asked for.
 """
@@ -59,50 +64,56 @@ def _decode_ms(engine, params, prompt: str | list[int] = "benchmark") -> tuple[f
     return statistics.median(steps), q[1], q[7]
 
 
-def _ms_per_token(engine, params, batch: int) -> float:
+def _ms_per_token(engine, params, batch: int, prompt: str) -> float:
     start = time.perf_counter()
-    outs = engine.generate(["x " * 32] * batch, params)
+    outs = engine.generate([prompt] * batch, params)
     sync()
     return 1e3 * (time.perf_counter() - start) / sum(o.completion_tokens for o in outs)
 
 
-def _request(engine) -> tuple[dict, str]:
+def _request(engine, seconds: float, text: int) -> tuple[dict, str]:
     from autoglm_fast.demo import demo_image, demo_tone
     from autoglm_fast.engine import SamplingParams
     try:
-        images, what = [demo_image(224)], "image + 5 s audio + 64 text"
+        images, what = [demo_image(224)], f"image + {seconds:g} s audio + {text} text"
     except ImportError:  # Pillow is an optional extra; the GPU check's image may lack it
-        images, what = [], "5 s audio + 64 text (no Pillow: no image)"
-    return dict(prompt="x " * 32, params=SamplingParams.greedy(max_tokens=1), images=images,
-                audio=[demo_tone(engine.config, seconds=5.0)]), what
+        images, what = [], f"{seconds:g} s audio + {text} text (no Pillow: no image)"
+    return dict(prompt="x " * (text // 2), params=SamplingParams.greedy(max_tokens=1), images=images,
+                audio=[demo_tone(engine.config, seconds=seconds)]), what
 
 
 def _long_context(rec: Recorder, preset: str, label: str, contexts, new_tokens: int) -> None:
-    """decode b1 with `ctx` tokens already cached: weights plus the whole KV cache read every step."""
+    """decode b1 with `ctx` tokens already cached: weights plus the whole KV cache read every step. The
+    sequence must end inside the RoPE table: at 32k (the 9B's max_position_embeddings) the prompt is
+    new_tokens + 1 shorter."""
     from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
+    from autoglm_fast.families import family_for_preset
 
     opts: Options = rec.opts
+    max_len = family_for_preset(preset).preset(preset).text.max_position_embeddings
     for ctx in contexts:
         row = Row("e2e", "decode b1", f"{label}, {ctx // 1024 or ctx}{'k' if ctx >= 1024 else ''} context",
                   opts.dtype_name, {}, timer="engine")
-        if not rec.selected(row.case, row.shape):
+        if not rec.selected(row.case, row.shape, headline=True):
             continue
-        sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=min(ctx, 8192),
-                                max_model_len=ctx + new_tokens + 1)
+        model_len = min(ctx + new_tokens + 1, max_len)
+        prompt = model_len - new_tokens - 1
+        sched = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=min(ctx, 8192), max_model_len=model_len)
 
-        def measure(engine, row=row, ctx=ctx):
+        def measure(engine, row=row, prompt=prompt):
             text = engine.config.text
             kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * engine.dtype.itemsize
             weights = engine.model.parameter_counts()["backbone"] - engine.model.model.embed_tokens.weight.numel()
-            row.bytes = weights * engine.dtype.itemsize + kv * (ctx + new_tokens // 2)
+            row.bytes = weights * engine.dtype.itemsize + kv * (prompt + new_tokens // 2)
+            row.metrics["prompt tokens"] = prompt
             params = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
-            med, lo, hi = _decode_ms(engine, params, prompt=[7] * ctx)
+            med, lo, hi = _decode_ms(engine, params, prompt=[7] * prompt)
             row.ms["ours"], row.quantiles["ours"] = med, (lo, hi)
             row.graphs["ours"] = engine.graph_state.status
 
         with_engine(row, "ours", lambda: Engine.from_preset(
             preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
-            load_vision=False, load_audio=False), measure)
+            enable_prefix_caching=False, load_vision=False, load_audio=False), measure)
         rec.record(row)
 
 
@@ -111,7 +122,7 @@ def run(rec: Recorder) -> None:
 
     opts: Options = rec.opts
     small = opts.small
-    preset, new_tokens, repeats = ("nano", 4, 1) if small else ("autoglm-phone-9b", 128, 5)
+    preset, new_tokens, repeats = ("nano", 3, 1) if small else ("autoglm-phone-9b", 128, 5)
     batches = (2,) if small else (8, 32)
     sched = SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=2048, max_model_len=1024)
     greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
@@ -133,8 +144,10 @@ def run(rec: Recorder) -> None:
     variants = [("ours", "fast", True), ("ours, no graphs", "fast", False), ("reference", "reference", False)]
     if opts.compile_reference:
         variants.append(("reference+compile", "reference", False))
+    headline_only = opts.part == "headline"
     for impl, backend, graphs in variants:
-        if not rec.selected(impl, label):  # -k picks backends here
+        # -k picks backends here; of this loop only ours' decode is a headline row
+        if not rec.matches(impl, label) or (headline_only and impl != "ours"):
             continue
         engine = None
         try:
@@ -153,9 +166,9 @@ def run(rec: Recorder) -> None:
             if impl == "ours" and torch.cuda.is_available():
                 decode.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             measured(decode)
-            if impl == "ours, no graphs":
+            if impl == "ours, no graphs" or headline_only:
                 continue  # TTFT and throughput take no graphs (prefill) or barely differ (batched decode)
-            request, what = _request(engine)
+            request, what = _request(engine, *((1.0, 8) if small else (5.0, 64)))
             ttft.ms[impl], prompt_tokens = _ttft(engine, request, repeats, warmup=not small)
             lm_head = engine.model.lm_head.weight.numel()  # prefill projects only the last position
             ttft.shape = f"{label}, {what} ({prompt_tokens} tokens)"
@@ -164,7 +177,7 @@ def run(rec: Recorder) -> None:
             if backend == "reference" and not small:
                 continue  # the reference runs requests one by one: batch 32 x 128 tokens would not fit the time
             for b, row in throughput.items():
-                row.ms[impl] = _ms_per_token(engine, greedy, b)
+                row.ms[impl] = _ms_per_token(engine, greedy, b, "x " * (4 if small else 32))
                 row.metrics[f"{impl} tokens/s"] = 1e3 / row.ms[impl]
                 measured(row)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory for a baseline: record it, go on
@@ -174,4 +187,4 @@ def run(rec: Recorder) -> None:
             del engine
             free_cuda_memory()
         emit()
-    _long_context(rec, preset, label, (64, 256) if small else (4096, 32768), new_tokens)
+    _long_context(rec, preset, label, (24, 48) if small else (4096, 32768), new_tokens)

@@ -42,13 +42,18 @@ def load(path: str | Path) -> dict:
 
 
 def merge(runs: list[dict]) -> dict:
-    """One run from several made on the same device (e.g. the suites run as separate, time-boxed steps)."""
+    """One run from several made on the same device (e.g. the suites run as separate, time-boxed steps).
+    Rows with the same suite, case, shape and dtype are one row: the last part's (gpu_check.sh's headline
+    stage measures ours' decode b1 first, the later e2e stage again beside its baselines)."""
     first = runs[0]
     for other in runs[1:]:
         if other["environment"]["device"] != first["environment"]["device"]:
             raise ValueError(f"cannot merge runs from {first['environment']['device']!r} and "
                              f"{other['environment']['device']!r}")
-    merged = dict(first, rows=[r for run in runs for r in run["rows"]],
+    rows = {}  # a row measured again in a later part replaces the earlier one, where that one stood
+    for r in (r for run in runs for r in run["rows"]):
+        rows[_key(r)] = r
+    merged = dict(first, rows=list(rows.values()),
                   complete=all(run.get("complete", False) for run in runs),
                   commit=" + ".join(dict.fromkeys(run["commit"] for run in runs)))
     merged["options"] = dict(first["options"], suites=list(dict.fromkeys(s for run in runs
@@ -111,7 +116,7 @@ def markdown(run: dict) -> str:
             cells = ([r["case"], r["shape"], ours_cell] + base
                      + [_num(r.get("gbs"), ".4g"), _num(r.get("tflops"), ".4g"), _num(r.get("roofline_pct"), ".1f")]
                      + speed + [_num(r.get("metrics", {}).get(CHECK), ".1e")] * checked
-                     + [_graphs_cell(r)] * graphed + [r["timer"]])
+                     + [_graphs_cell(r)] * graphed + [r["timer"] + (f", {r['l2']}" if r.get("l2") else "")])
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"- {r['case']} {r['shape']}: {k}: {_num(v, '.4g')}" for r in rows
                  for k, v in r.get("metrics", {}).items() if k != CHECK]
@@ -125,8 +130,10 @@ def markdown(run: dict) -> str:
               "over ours. vs X: X's time / ours (above 1 = ours faster). err vs eager: max |ours - eager| / "
               "(1 + |eager|) on the same inputs. CUDA graphs: what the graphed engine got (captured; "
               "fallback = capture failed and it decoded eagerly, not a graphed time; off = no CUDA). "
-              "Timer: stream = `do_bench` (L2 flushed), "
-              "graph = CUDA-graph replay, engine = wall clock through the engine, call = one call (smoke run)."]
+              "Timer: stream = `do_bench` (L2 flushed before each call: `flush`), graph = CUDA-graph replay "
+              "(`rotate N copies`: each call reads the next of N copies of the inputs, together over twice the "
+              "L2, so inputs come from HBM as in the model), engine = wall clock through the engine, "
+              "call = one call (smoke run)."]
     return "\n".join(lines) + "\n"
 
 

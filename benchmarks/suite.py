@@ -1,8 +1,8 @@
 """`autoglm-fast bench` (also `python -m benchmarks`): the benchmark suites, their report, the comparison.
 
-    autoglm-fast bench [--suite kernels|e2e|all] [--shapes small|real] [--out DIR] [--json OUT]
-                       [--markdown OUT] [--plot DIR] [--compare BASE.json] [-k FILTER] [--load RUN.json ...]
-                       [--require-graphs]
+    autoglm-fast bench [--suite kernels|e2e|all ...] [--part all|headline|rest] [--shapes small|real]
+                       [--out DIR] [--json OUT] [--markdown OUT] [--plot DIR] [--compare BASE.json]
+                       [-k FILTER] [--load RUN.json ...] [--require-graphs]
 
 Each run first measures the device's copy bandwidth and dense matmul rate, then times every case:
 ours vs eager PyTorch vs torch.compile (and SDPA for attention), reported as ms, GB/s or TFLOP/s and %
@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,12 +27,18 @@ from . import report
 from .common import Options, Recorder, measure_ceilings
 
 SUITES = ("kernels", "e2e")
+PARTS = ("all", "headline", "rest")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    p.add_argument("--suite", choices=SUITES + ("all",), default="all")
+    p.add_argument("--suite", choices=SUITES + ("all",), nargs="+", default=["all"],
+                   help="suites to run, in this order (default: all = %s)" % " ".join(SUITES))
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="headline: only the rows a time-boxed GPU check needs first (e2e decode b1 at every "
+                        "context; decode attention at 4k and 32k; prefill attention at 4k); rest: all the "
+                        "others; all (default)")
     p.add_argument("--shapes", choices=("small", "real"), default="real" if cuda else "small",
                    help="real: AutoGLM-Phone-9B's shapes (needs a CUDA GPU); small: tiny shapes on any device "
                         "(default: %(default)s here)")
@@ -55,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(a CPU run, where graphs are off, passes)")
     p.add_argument("--load", metavar="RUN.json", nargs="+",
                    help="measure nothing: render saved run(s) from one device, merged (with --json: saved merged)")
+    p.add_argument("--tune", action="store_true",
+                   help="only re-tune the prefill attention's config table for this GPU (needs CUDA): time every "
+                        "config per q bucket (--dtype), write the fastest to kernels/tuned/paged_prefill.json")
 
 
 def _git_commit() -> str:
@@ -97,7 +107,7 @@ def _options(args) -> Options:
     device = "cuda" if cuda else "cpu"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
     mode = None if args.compile_mode in ("none", "") else args.compile_mode
-    return Options(args.shapes, device, dtype, mode, args.filter, args.compile_reference)
+    return Options(args.shapes, device, dtype, mode, args.filter, args.compile_reference, args.part)
 
 
 def measure(args, opts: Options) -> dict:
@@ -108,17 +118,18 @@ def measure(args, opts: Options) -> dict:
 
     print(f"measuring the ceilings of {opts.device} ...", flush=True)
     ceilings = measure_ceilings(opts.device, quick=opts.small)
-    suites = SUITES if args.suite == "all" else (args.suite,)
+    suites = SUITES if "all" in args.suite else tuple(dict.fromkeys(args.suite))
     run = {"schema": report.SCHEMA, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": _git_commit(), "environment": environment(opts.device),
            "options": {"suites": list(suites), "shapes": opts.shapes, "dtype": opts.dtype_name,
                        "compile_mode": opts.compile_mode, "filter": opts.filter,
-                       "compile_reference": opts.compile_reference},
+                       "compile_reference": opts.compile_reference, "part": opts.part},
            "ceilings": asdict(ceilings), "rows": [], "complete": False}
     for line in report.header(run):
         print(line.replace("**", "").replace("`", ""))
 
     landed_rows: list = []  # the Row objects behind run["rows"]: a row reported again replaces its entry
+    started = time.perf_counter()  # progress lines say when each row landed: what a time box must allow
 
     def landed(row):
         d = row.to_dict(ceilings)
@@ -131,8 +142,10 @@ def measure(args, opts: Options) -> dict:
         base = "  ".join(f"{k} {v:.4g}" for k, v in row.ms.items() if k != "ours")
         errors = f"  ERRORS {row.errors}" if row.errors else ""
         graphs = f"  graphs {row.graphs}" if row.graphs else ""
-        print(f"[{row.suite}] {row.case} | {row.shape} | ours {row.ms.get('ours', float('nan')):.4g} ms  {base}"
-              f"  | {d['roofline_pct']:.1f} % roofline{graphs}{errors}", flush=True)
+        l2 = f"  L2: {row.l2}" if row.l2 else ""
+        ours = row.ms.get("ours", float("nan"))
+        print(f"[{row.suite} +{time.perf_counter() - started:.0f} s] {row.case} | {row.shape} | ours {ours:.4g} ms  "
+              f"{base}  | {d['roofline_pct']:.1f} % roofline{l2}{graphs}{errors}", flush=True)
         if args.json:
             report.write_json(run, args.json)
 
@@ -171,6 +184,9 @@ def _outputs(args) -> None:
 
 
 def run_cli(args) -> int:
+    if args.tune:
+        from .tune import run as tune
+        return tune(args)
     if not 0 <= args.threshold < 1000:
         raise ValueError(f"--threshold must be a percentage in [0, 1000), got {args.threshold}")
     if args.plot and not _have_matplotlib():  # fail before measuring, not after

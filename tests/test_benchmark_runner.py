@@ -2,6 +2,7 @@
 (JSON, Markdown, plots well formed), compare mode, and clear errors. It asserts no speed."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from autoglm_fast.benchmarks import report
-from autoglm_fast.benchmarks.common import TOLERANCE, Ceilings, Options, Recorder, Row, max_error, measure_ceilings
+from autoglm_fast.benchmarks.common import (TOLERANCE, Ceilings, Options, Recorder, Row, copies_needed, max_error,
+                                            measure_ceilings, rotating)
 from autoglm_fast.benchmarks.suite import main as bench_main
 from kernel_harness import requires_kernels
 
@@ -74,6 +76,74 @@ def test_recorder_flags_ours_when_it_disagrees_with_eager():
     assert max_error((x,), (x, x)) == math.inf
 
 
+def test_rotation_copies_are_distinct_and_used_in_turn():
+    made = []
+
+    def inputs():
+        made.append((torch.zeros(256), torch.ones(1)))  # 1 KiB + 4 bytes
+        return made[-1]
+
+    l2 = 10_000  # a fake L2: n = ceil(2 * 10000 / 1024) + 1 = 21
+    assert copies_needed(1024, l2) == 21 and copies_needed(20_000, l2) == 2 and copies_needed(20_001, l2) == 2
+    assert copies_needed(19_999, l2) == 3 and copies_needed(1024, 0) == 1  # no L2 (a CPU): one copy
+    rot = rotating(inputs, 1024, l2)
+    assert len(rot.copies) == len(made) == 21 and rot.l2 == "rotate 21 copies"
+    assert len({t.data_ptr() for copy in rot.copies for t in copy}) == 2 * 21  # no two copies share memory
+    seen = []
+    call = rot.cycle(lambda x, one: seen.append(x.data_ptr()))
+    for _ in range(50):
+        call()
+    assert seen == [rot.copies[i % 21][0].data_ptr() for i in range(50)]
+    again = []  # every cycle() counts from copy 0
+    rot.cycle(lambda x, one: again.append(x.data_ptr()))()
+    assert again == [rot.copies[0][0].data_ptr()]
+    # 20 more copies of 1028 bytes need 20560 bytes, over half of 40000 free: one copy, L2 flushed instead
+    made.clear()
+    short = rotating(inputs, 1024, l2, free_bytes=40_000)
+    assert len(short.copies) == len(made) == 1 and short.l2 == "flush"
+    assert rotating(inputs, 1024, l2, free_bytes=41_120).l2 == "rotate 21 copies"  # exactly half: fits
+    assert rotating(inputs, 1024, 0).l2 == "one copy"
+
+
+def test_recorder_rotates_the_inputs_and_checks_on_one_copy():
+    """Ours and eager each run through the copies in turn; the error check compares them on copy 0; the
+    row says what it did about L2. A row that replays one set of inputs from a graph is refused."""
+    used = {"ours": [], "eager": []}
+
+    def impl(name):
+        def run(x, w):
+            used[name].append(x.data_ptr())
+            return x * w
+        return run
+
+    rec = Recorder("kernels", Options(l2_bytes=4096))
+    row = rec.add("scale", "64", {"ours": impl("ours"), "eager": impl("eager")},
+                  inputs=lambda: (torch.randn(64), torch.randn(64)), bytes=1024, graph=True)
+    assert row.l2 == "rotate 9 copies" and row.timer == "call" and not row.errors  # ceil(8192 / 1024) + 1
+    assert len(set(used["ours"][:2])) == 2  # the call timer: a warm-up call and one timed call, two copies
+    assert used["ours"][-1] == used["eager"][-1] == used["ours"][0]  # the check: copy 0 for both
+    assert row.to_dict(CEIL)["l2"] == "rotate 9 copies"
+    plain = Recorder("kernels", Options(shapes="real")).add(
+        "scale", "64", {"ours": impl("ours"), "eager": impl("eager")},
+        inputs=lambda: (torch.ones(64), torch.ones(64)), bytes=512, graph=True)
+    assert plain.l2 == "one copy"  # real shapes on a CPU: no L2 size, nothing to rotate past
+    assert Options().l2 == 64 << 10  # small shapes assume a nominal L2 (a few copies of their tiny rows)
+    one = rec.add("stream", "64", {"ours": impl("ours")}, inputs=lambda: (torch.ones(64), torch.ones(64)), bytes=512)
+    assert one.l2 == "one copy"  # not a graph row: one copy (on a GPU: do_bench, which flushes L2)
+    with pytest.raises(TypeError, match="needs inputs="):
+        rec.add("replay", "1", {"ours": lambda: None}, graph=True)
+
+
+def test_parts_split_the_rows_and_merge_keeps_the_later_row():
+    rows = {part: Recorder("kernels", Options(part=part)) for part in ("all", "headline", "rest")}
+    picked = {part: [c for c, h in (("head", True), ("tail", False)) if rec.selected(c, "1", h)]
+              for part, rec in rows.items()}
+    assert picked == {"all": ["head", "tail"], "headline": ["head"], "rest": ["tail"]}
+    first, later = _run([("decode", "1", 2.0), ("other", "1", 1.0)]), _run([("decode", "1", 3.0)])
+    merged = report.merge([first, later])
+    assert [(r["case"], r["ms"]["ours"]) for r in merged["rows"]] == [("decode", 3.0), ("other", 1.0)]
+
+
 def _strict(text: str) -> dict:
     def no_nan(name):
         raise AssertionError(f"non-standard JSON constant {name}")
@@ -97,10 +167,10 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
     cases = {r["case"] for r in run["rows"]}
     assert {"vision proj+LN", "audio proj+LN", "vision attention", "audio attention", "vision adapter",
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
-            "qkv bias+rope+cache", "decode b1", "ttft", "throughput b2"} <= cases
+            "qkv bias+rope+cache", "mlp down+swiglu", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    # 21 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals, a mixed step and the agent loop
-    assert len(keys) == len(set(keys)) == 32
+    # 23 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals, a mixed step and the agent loop
+    assert len(keys) == len(set(keys)) == 34
     assert {"agent step ttft", "agent step", "mixed arrivals", "mixed step", "agent loop"} <= cases
     loop = next(r for r in run["rows"] if r["case"] == "agent loop")["metrics"]  # an agent step prefills what is new
     assert 0 < loop["ours: prefilled tokens"] < loop["ours, no prefix caching: prefilled tokens"]
@@ -108,7 +178,7 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
     assert loop["ours: prefilled tokens"] + loop["ours: cached tokens"] == loop[
         "ours, no prefix caching: prefilled tokens"]
     assert {r["shape"] for r in run["rows"] if r["case"] == "decode b1"} == {
-        f"nano {DTYPE}", f"nano {DTYPE}, 64 context", f"nano {DTYPE}, 256 context",
+        f"nano {DTYPE}", f"nano {DTYPE}, 24 context", f"nano {DTYPE}, 48 context",
         f"glm4v-tiny {'bfloat16' if ON_GPU else DTYPE}, agent step context"}  # the released model runs bf16
     for r in run["rows"]:
         assert r["ms"]["ours"] > 0 and not r["errors"], r
@@ -119,6 +189,16 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
         assert r["graphs"] == ({"ours": GRAPHS} if r["suite"] == "e2e" else {}), r
     decode = next(r for r in run["rows"] if r["case"] == "decode attention")
     assert decode["ms"].keys() == {"ours", "eager", "sdpa"} and decode["roofline_pct"] > 0
+    # graph rows rotate copies of their inputs past the (nominal, small-shape) L2; the others flush or run once
+    for r in (r for r in run["rows"] if r["case"] == "decode attention"):  # fp32 b1: ceil(2 * 64 KiB / 8448) + 1
+        assert r["l2"] == f"rotate {copies_needed(r['bytes'], 64 << 10)} copies", r
+    rotated = {(r["case"], r["shape"]) for r in run["rows"] if r["l2"].startswith("rotate ")}  # the graph rows
+    assert rotated == {("decode attention", "b1 ctx33"), ("decode attention", "b3 ctx33"), ("swiglu", "1x152"),
+                       ("qkv bias+rope+cache", "1 tokens"), ("rmsnorm+residual", "1x72"), ("gated fusion", "1 rows x 72"),
+                       ("mlp down+swiglu", "1x152->72"), ("mlp down+swiglu", "33x152->72")}
+    assert {r["l2"] for r in run["rows"] if r["suite"] == "kernels"} - {r["l2"] for r in run["rows"] if (
+        r["case"], r["shape"]) in rotated} <= {"flush", "one copy"}
+    assert all(r["l2"] == "" for r in run["rows"] if r["suite"] == "e2e")
     assert decode["gbs"] == pytest.approx(decode["bytes"] / decode["ms"]["ours"] / 1e6)
     e2e = next(r for r in run["rows"] if r["case"] == "decode b1")
     assert {"ours", "ours, no graphs", "reference"} <= set(e2e["ms"]) and e2e["roofline_pct"] > 0
@@ -128,6 +208,7 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
 
     md = (saved / "results.md").read_text()
     assert "## kernels" in md and "## e2e" in md and "% roofline by implementation: ours" in md
+    assert re.search(r"\| (call|graph), rotate \d+ copies \|", md)  # how L2 was handled, in the timer cell
     assert f"| ours: {GRAPHS} |" in md and "CUDA GRAPHS FELL BACK" not in out.stderr
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == len(run["rows"]) + 2  # a header per suite + one line per row
@@ -137,7 +218,7 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
         with Image.open(saved / "plots" / name) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
     assert f"wrote {saved / 'results.json'}".replace(str(tmp_path) + "/", "") in out.stdout
-    assert "[kernels] gated fusion" in out.stdout  # progress lines as rows land
+    assert re.search(r"\[kernels \+\d+ s\] gated fusion", out.stdout)  # progress lines as rows land, timed
 
 
 def _run(rows, device="GPU X", commit="abc"):
