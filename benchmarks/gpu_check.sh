@@ -110,7 +110,7 @@ if want tests; then
     tests/test_real_shapes.py tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py \
     tests/test_engine.py tests/test_engine_bf16.py tests/test_sampling.py tests/test_glm4v_fast_vision.py \
     tests/test_decode_step.py tests/test_mixed_step.py tests/test_prefix_cache.py tests/test_encoder_graphs.py \
-    tests/test_piecewise_graphs.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
+    tests/test_piecewise_graphs.py tests/test_launch_count.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
   # pytest's own failures (exit 1) were counted by run_boxed; its summary is the log's tail
   tail -n 25 "$OUT/pytest.log"
 fi
