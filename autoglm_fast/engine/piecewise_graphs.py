@@ -13,7 +13,7 @@ output is added to the stream by the next layer's input norm (FastGlmModel's thr
 
 A step's tokens are padded to a bucket (16, 32, 64, ... up to max_num_batched_tokens): padding rows
 sit at position 0 and write their K/V into the cache's reserved null block, and attention never reads
-them. Per layer that is 2 graph launches and 1-2 attention launches instead of about 11 kernels,
+them. Per layer that is 2 graph launches and 1-2 attention launches instead of about 9 kernels,
 which keeps the host from becoming the bottleneck of short chunks. The embeddings before the first
 layer, the final norm and `lm_head` stay eager.
 

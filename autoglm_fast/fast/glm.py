@@ -39,11 +39,9 @@ class FastRMSNorm(FastModule, RMSNorm):
         """rmsnorm(x); with `residual`: (rmsnorm(s), s) for s = x + residual, or s = pre(x) + residual with
         a sandwich norm `pre`. in_place: s is written into `residual`."""
         if not self.kernels_usable(x):
-            x = x if pre is None else pre(x)
             if residual is None:
-                return RMSNorm.forward(self, x)
-            s = residual.copy_(x + residual) if in_place else x + residual
-            return RMSNorm.forward(self, s), s
+                return RMSNorm.forward(self, x if pre is None else pre(x))
+            return _eager_add_norm(lambda s: RMSNorm.forward(self, s), x, residual, pre, in_place)
         if residual is None:
             return rms_norm(x if pre is None else pre(x), self.weight, self.variance_epsilon)
         return rms_norm(x, self.weight, self.variance_epsilon, residual=residual,
@@ -61,8 +59,15 @@ def add_norm(norm: RMSNorm, x: Tensor, residual: Tensor | None, pre: RMSNorm | N
         return norm(x), x
     if isinstance(norm, FastRMSNorm):
         return norm(x, residual, pre, in_place)
+    return _eager_add_norm(norm, x, residual, pre, in_place)
+
+
+def _eager_add_norm(norm, x: Tensor, residual: Tensor, pre: RMSNorm | None, in_place: bool) -> tuple[Tensor, Tensor]:
+    """add_norm's math op by op: s = pre(x) + residual (written into residual if in_place), (norm(s), s)."""
     s = (x if pre is None else pre(x)) + residual
-    return norm(residual.copy_(s) if in_place else s), (residual if in_place else s)
+    if in_place:
+        s = residual.copy_(s)
+    return norm(s), s
 
 
 class FastGlmMLP(FastModule, GlmMLP):
@@ -168,7 +173,7 @@ class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
         """The layer after attention: h, the projected attention output -> (the MLP's output, the residual
         stream). The MLP output is not added here: the next norm adds it (after post_mlp_layernorm)."""
         h, residual = add_norm(self.post_attention_layernorm, h, residual, self.post_self_attn_layernorm, in_place)
-        return self.mlp(h, out=out) if isinstance(self.mlp, FastGlmMLP) else self.mlp(h), residual
+        return (self.mlp(h) if out is None else self.mlp(h, out=out)), residual
 
 
 class FastGlmModel(FastModule, GlmModel):
