@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 TARGETS = {"sm_80": (80, 166_912), "sm_89": (89, 101_376), "sm_90": (90, 232_448)}
 # The modules (under autoglm_fast.kernels) whose compile_specs() the matrix compiles.
 MODULES = ("linear", "adapter_attention", "gated_fusion", "norms", "rotary_cache", "paged_attention", "paged_decode",
-           "vision_rope", "swiglu_down")
+           "vision_rope", "swiglu_down", "quant_gemv", "quant_gemm")
 # What the report (compile_report --json) holds per kernel x config x target, in this order.
 REPORT_KEYS = ("kernel", "config", "target", "registers", "spill_bytes", "smem_bytes", "global_loads",
                "global_stores", "mma", "cp_async", "tma")

@@ -27,14 +27,13 @@ Eager reference: `reference_paged_attention` in paged_attention.py, at q_len = 1
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .paged_attention import (SPEC_HEAD_DIM, SPEC_HEADS, SPEC_KV_HEADS, _attend, _check_inputs, _common_args,
                               _output, spec_common_args)
+from .utils import sm_count, split_counters
 
 MIN_CHUNK, MAX_SPLITS, MERGE_CHUNK = 128, 64, 4
 # A fixed table (no autotune: the launch runs inside CUDA-graph capture), picked by the longest split the
@@ -46,7 +45,6 @@ DECODE_CONFIGS = {
     "long": triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),   # more bytes in flight per SM
 }
 LONG_SPLIT = 512
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 @triton.jit
@@ -128,36 +126,17 @@ def _merge(part_o_ptr, part_lse_ptr, o_ptrs, base, used, heads, rows_ok, offs_d,
     tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=rows_ok[:, None] & mask_d[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def decode_grid_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device) -> int:
     """The grid's split dimension for a launch whose sequences are at most max_seq_len long: enough
     programs for ~2 waves over the SMs (2 * SMs / (num_seqs * num_kv_heads)), at most MAX_SPLITS, and no
     more than MIN_CHUNK-key chunks of max_seq_len. Each sequence then uses as many as its own length needs."""
-    want = triton.cdiv(2 * _sm_count(torch.device(device)), max(1, num_seqs * num_kv_heads))
+    want = triton.cdiv(2 * sm_count(torch.device(device)), max(1, num_seqs * num_kv_heads))
     return max(1, min(want, MAX_SPLITS, triton.cdiv(max_seq_len, MIN_CHUNK)))
 
 
 def decode_config(max_seq_len: int, grid_splits: int, min_chunk: int = MIN_CHUNK) -> str:
     """DECODE_CONFIGS key for a launch: "long" when its longest split reaches LONG_SPLIT keys."""
     return "long" if max(triton.cdiv(max_seq_len, grid_splits), min_chunk) >= LONG_SPLIT else "short"
-
-
-def split_counters(device, pairs: int = 1) -> torch.Tensor:
-    """The device's persistent int32 merge counters, one per (sequence, KV head), all 0 between launches.
-    Grown (never shrunk) when more pairs are needed; older buffers stay alive for graphs captured on them.
-    Zero-filled once, at allocation: eager warm-up launches allocate before any capture."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < pairs:
-        bufs.append(torch.zeros(max(pairs, 4096, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
-                                device=device))
-    return bufs[-1]
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, max_seq_len: int, scale: float | None = None,

@@ -133,3 +133,30 @@ class TableTuned:
     def config_for(self, choose) -> triton.Config:
         """The config to launch: the only one when `configs` is narrowed to one, else `choose()` (the table's)."""
         return self.configs[0] if len(self.configs) == 1 else choose()
+
+
+# ---- split-K launches whose last program reduces (paged_decode.py, quant_gemv.py) ----------------------------
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The GPU's SM count (an H100's 132 under the interpreter, so grids are planned as on a GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def split_counters(device, pairs: int = 1, per_stream: bool = False) -> torch.Tensor:
+    """The device's persistent int32 merge counters, one per output tile, all 0 between launches: the program
+    that brings a tile's counter to its split count reduces the tile and resets it. Grown (never shrunk) when
+    more are needed; older buffers stay alive for graphs captured on them. Zero-filled once, at allocation.
+    per_stream: one buffer per CUDA stream, for kernels that may run on two streams at once (the engine's
+    encoder stream beside the main one); launches sharing a buffer must be ordered on one stream."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device).cuda_stream if per_stream and device.type == "cuda" else None
+    bufs = _COUNTERS.setdefault((device, per_stream, stream), [])
+    if not bufs or bufs[-1].numel() < pairs:
+        bufs.append(torch.zeros(max(pairs, 4096, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32,
+                                device=device))
+    return bufs[-1]
