@@ -12,15 +12,19 @@ def _info(args: argparse.Namespace) -> None:
     import torch
 
     from .families import family_for_checkpoint, family_for_preset
+    from .generate_cli import quantization_options
+    from .quant.memory import memory_report
     if args.model:
         family = family_for_checkpoint(args.model)
         config, source = family.load_config(args.model), {"model": args.model}
     else:
         family = family_for_preset(args.preset)
         config, source = family.preset(args.preset), {"preset": args.preset}
-    with torch.device("meta"):  # counts without allocating 9 B parameters
-        counts = family.model_cls(config).parameter_counts()
-    print(json.dumps({**source, "family": family.name, "parameters": counts,
+    dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):  # sizes without allocating 9 B parameters
+        model = family.model_cls(config).to(dtype)
+    memory = memory_report(model, dtype, args.model, **quantization_options(args))
+    print(json.dumps({**source, "family": family.name, "parameters": model.parameter_counts(), "memory": memory,
                       "config": dataclasses.asdict(config)}, indent=2))
 
 
@@ -78,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     from .benchmarks.suite import add_arguments as add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=_bench)
-    p = sub.add_parser("info", help="print a preset's or a checkpoint's config and parameter counts per part")
+    p = sub.add_parser("info", help="print a preset's or a checkpoint's config, parameter counts and weight bytes "
+                                    "per part (quantized with --quantization), and the KV tokens that fit per card")
     p.add_argument("--preset", default="autoglm-phone-9b", help="autoglm-phone-9b, nano, glm-4.1v-9b, glm4v-tiny")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory (its config.json picks the family)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="the activations' dtype (what unquantized weights are stored in)")
+    from .generate_cli import add_quantization_arguments
+    add_quantization_arguments(p)
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:

@@ -18,10 +18,37 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="PATH|bytes",
                    help="a tokenizer.json (or a directory holding one), or 'bytes' for the built-in byte "
                         "tokenizer; default: the checkpoint's own (a checkpoint without one is an error)")
+    add_quantization_arguments(p)
+
+
+def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantization / --quantize-vision (generate, serve, bench, info)."""
+    p.add_argument("--quantization", "-q", choices=["int8", "int4", "awq"],
+                   help="weight-only quantization at load, round to nearest: the decoder's linears in int8 or int4 "
+                        "(groups of 128), lm_head in int8. awq: the checkpoint is AWQ 4-bit (it loads so without "
+                        "the flag; vLLM's spelling). Default: the checkpoint's own precision")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="quantize the vision / audio towers too (default: they stay in the activation dtype)")
+
+
+def quantization_options(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments for --quantization / --quantize-vision ('awq' asks only that the checkpoint
+    be AWQ: the engine reads that from its config.json)."""
+    method = getattr(args, "quantization", None)
+    if method == "awq":
+        from .quant.awq import awq_settings
+        from .quant.memory import _config_json
+        model = getattr(args, "model", None)
+        if getattr(args, "preset", None) or not model or awq_settings(_config_json(model)) is None:
+            raise ValueError("--quantization awq needs --model DIR of an AWQ checkpoint (quantization_config in its "
+                             "config.json); quantize any other checkpoint with --quantization int8 or int4")
+        method = None
+    return {"quantization": method, "quantize_vision": getattr(args, "quantize_vision", False)}
 
 
 def load_engine(args: argparse.Namespace, **kwargs):
     from .engine import Engine
+    kwargs.update(quantization_options(args))
     if args.preset:
         return Engine.from_preset(args.preset, tokenizer=args.tokenizer, **kwargs)
     from .train.eval import default_checkpoint

@@ -41,6 +41,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
                     tokenizer=None) -> None:
     """config.json + shards + index; with `tokenizer` (a `tokenizer.Tokenizer`) also its files, so that
     loading needs no tokenizer option. Without one, tokenizer files already in `directory` stay."""
+    from .quant.linear import QuantLinear
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("save_pretrained writes full-precision checkpoints; this model is quantized (quantize at "
+                         "load instead: quantization='int8' / 'int4')")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
@@ -111,11 +115,14 @@ def _header(file: Path) -> dict[str, tuple[int, ...]]:
 
 # ---- loading into a model --------------------------------------------------------------------------
 def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set[str],
-                 dtype: torch.dtype | None, device: torch.device | str | None, source: str) -> None:
+                 dtype: torch.dtype | None, device: torch.device | str | None, source: str,
+                 quantizer=None) -> None:
     """Check, then load, checkpoint tensors into `model`.
 
     rename(ckpt_name) -> model name, or None to skip a tensor the model has no use for.
     expected: the model names that must all be provided.
+    quantizer: a quant.StreamingQuantizer, told after each tensor which module it completed (it replaces
+    a target Linear by its quantized twin at once, so full-precision weights never pile up).
     """
     targets = model.state_dict(keep_vars=True)
     plan: dict[Path, list[tuple[str, str]]] = {}
@@ -146,6 +153,8 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name, name in pairs:
                 _assign(model, name, f.get_tensor(ckpt_name), dtype, device)
+                if quantizer is not None:
+                    quantizer.ready(model, name.rpartition(".")[0])
 
 
 def _progress(items, total: int, source: str):
@@ -172,7 +181,7 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor, dtype, device) -> 
 
 
 def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu"):
+                    device: torch.device | str = "cpu", quantization=None):
     from .config import AutoGLMPhoneConfig
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
@@ -180,10 +189,34 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
     config = AutoGLMPhoneConfig.load(directory / CONFIG_NAME)
     with torch.device("meta"):
         model = cls(config)
-    files = checkpoint_files(directory)
-    load_tensors(model, files, lambda n: n, set(model.state_dict()), dtype, device, str(directory))
-    _check_materialized(model)
+    load_checkpoint(model, directory, lambda n: n, set(model.state_dict()), dtype, device, quantization)
     return model.eval()
+
+
+def load_checkpoint(model: nn.Module, directory: str | Path, rename, expected: set[str], dtype, device,
+                    quantization=None, awq: dict | None = None) -> None:
+    """A checkpoint directory into `model` (built on the meta device), as published or quantized at load.
+    quantization: a quant.QuantConfig (round to nearest, layer by layer). awq: `quant.awq.awq_settings` of an
+    AWQ checkpoint's config: its packed layers load as QuantLinears, everything else as usual."""
+    files, source = checkpoint_files(directory), str(directory)
+    if awq is not None:
+        if quantization is not None:
+            raise ValueError(f"{directory} is already quantized (AWQ, 4-bit): load it without quantization=")
+        from .quant.awq import load_awq_linears, split_awq
+        files, linears = split_awq(files, rename)
+        load_tensors(model, files, rename, expected - {f"{name}.weight" for name in linears}, dtype, device, source)
+        load_awq_linears(model, linears, awq["group_size"], dtype, device, source)
+    else:
+        load_tensors(model, files, rename, expected, dtype, device, source, streaming_quantizer(model, quantization))
+    _check_materialized(model)
+
+
+def streaming_quantizer(model: nn.Module, quantization):
+    """The StreamingQuantizer for a QuantConfig (quant/quantize.py), or None."""
+    if quantization is None:
+        return None
+    from .quant.quantize import StreamingQuantizer
+    return StreamingQuantizer(model, quantization)
 
 
 # ---- Hugging Face checkpoints of the parts ----------------------------------------------------------
@@ -242,23 +275,27 @@ def load_hf_weights(model: nn.Module, path: str | Path, part: str | None = None,
 
 
 # ---- random initialisation -------------------------------------------------------------------------
-def random_model(cls, config, seed: int, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def random_model(cls, config, seed: int, dtype: torch.dtype, device: torch.device | str,
+                 quantization=None) -> nn.Module:
     """`cls(config)` built on the meta device, then every parameter allocated once in `dtype` on `device`
-    and seeded-random initialised (no fp32 detour): any family's `from_config`."""
+    and seeded-random initialised (no fp32 detour): any family's `from_config`. quantization: a QuantConfig;
+    each target Linear is quantized as soon as it is initialised."""
     with torch.device("meta"):
         model = cls(config)
-    return materialize(model, dtype=dtype, device=device, seed=seed).eval()
+    return materialize(model, dtype=dtype, device=device, seed=seed,
+                       quantizer=streaming_quantizer(model, quantization)).eval()
 
 
 def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                std: float = 0.02) -> nn.Module:
+                std: float = 0.02, quantizer=None) -> nn.Module:
     """Give every parameter still on the meta device storage on `device`, seeded-random initialised
-    like HF (normal(0, std) weights, zero biases, unit norm scales). Loaded parameters are untouched."""
+    like HF (normal(0, std) weights, zero biases, unit norm scales). Loaded parameters are untouched.
+    quantizer: told each module that is done (see load_tensors)."""
     from .reference.glm import RMSNorm
     from .reference.whisper import WhisperEncoder, sinusoids
     gen = torch.Generator(device=device).manual_seed(seed)
     sinusoidal = {id(m.embed_positions) for m in model.modules() if isinstance(m, WhisperEncoder)}
-    for module in model.modules():
+    for name, module in list(model.named_modules()):
         for leaf, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
@@ -272,6 +309,8 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
             else:
                 t.normal_(0.0, std, generator=gen)
             module._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
+        if quantizer is not None:
+            quantizer.ready(model, name)
     _check_materialized(model)
     return model
 

@@ -31,7 +31,7 @@ class PersistentBatch:
         dev, self.cache, self.capacity = cache.device, cache, capacity
         self.null_row = capacity
         num_rows = capacity + 1
-        self.sampling = SamplingTable(num_rows, runtime.lm_head.weight.shape[0], dev, eos_token_ids,
+        self.sampling = SamplingTable(num_rows, runtime.lm_head.out_features, dev, eos_token_ids,
                                       runtime.never_sample)
         self.inputs = runtime.decode_inputs(num_rows)
         self.width = -(-max_model_len // cache.block_size)

@@ -25,6 +25,7 @@ from ..families import family_for_checkpoint, family_for_model, family_for_prese
 from ..kernels.utils import device_supported
 from ..paged_cache import PagedKVCache
 from ..prefix_cache import extend_block_hashes
+from ..quant.quantize import resolve as resolve_quantization
 from ..sampling import SamplingParams, SamplingPlan, make_generator, pack, unpack
 from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
 from .batch import PersistentBatch
@@ -49,7 +50,7 @@ class Engine:
         checkpoint, family_options: passed to the family's runtime (its processor files, e.g.
         mm_processor_kwargs for GLM-4.1V)."""
         self.runtime = family_for_model(model).runtime_cls(model, checkpoint, **family_options)
-        param = model.lm_head.weight
+        param = self.runtime.embed_tokens.weight  # never quantized: the activations' dtype
         self.device, self.dtype = param.device, param.dtype
         backend = backend or ("fast" if device_supported(self.device) else "reference")
         if backend not in ("fast", "reference"):
@@ -96,12 +97,15 @@ class Engine:
     @classmethod
     def from_preset(cls, name: str, *, seed: int = 0, dtype: torch.dtype | None = None,
                     device: str | None = None, load_vision: bool = True, load_audio: bool = True,
-                    **kwargs) -> "Engine":
-        """A preset with seeded random weights (benchmarks, tests, demos)."""
+                    quantization: str | None = None, quantize_vision: bool = False, **kwargs) -> "Engine":
+        """A preset with seeded random weights (benchmarks, tests, demos). quantization: "int8" / "int4"
+        weight-only, round to nearest, each layer as it is made (quant/quantize.py: the decoder's linears,
+        lm_head in int8; the towers too with quantize_vision)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         family = family_for_preset(name)
-        model = family.model_cls.from_config(family.preset(name), seed=seed, dtype=dtype, device=device)
+        model = family.model_cls.from_config(family.preset(name), seed=seed, dtype=dtype, device=device,
+                                             quantization=resolve_quantization(quantization, quantize_vision))
         engine = cls(model, **kwargs)
         engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
         return engine
@@ -109,13 +113,18 @@ class Engine:
     @classmethod
     def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None, device: str | None = None,
                         load_vision: bool = True, load_audio: bool = True,
-                        tokenizer: Tokenizer | str | None = None, **kwargs) -> "Engine":
+                        tokenizer: Tokenizer | str | None = None, quantization: str | None = None,
+                        quantize_vision: bool = False, **kwargs) -> "Engine":
         """tokenizer: default the checkpoint's own (tokenizer.json, or the byte-tokenizer marker
-        `save_pretrained` writes; neither is a TokenizerNotFoundError), "bytes", a path or a Tokenizer."""
+        `save_pretrained` writes; neither is a TokenizerNotFoundError), "bytes", a path or a Tokenizer.
+        quantization: "int8" / "int4" weight-only, quantized shard by shard as the weights load (see
+        from_preset). An AWQ checkpoint (quantization_config in its config.json) loads quantized as it is."""
+        quant = resolve_quantization(quantization, quantize_vision)  # before the weights: fail fast
         if not isinstance(tokenizer, Tokenizer) and Path(directory).is_dir():
             tokenizer = find_tokenizer(directory, tokenizer)  # before the weights: fail fast
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device)
+        model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device,
+                                                                           quantization=quant)
         engine = cls(model, load_tokenizer(directory, model.config, tokenizer), checkpoint=directory, **kwargs)
         engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
         return engine

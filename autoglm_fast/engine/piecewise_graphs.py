@@ -40,7 +40,7 @@ class PiecewiseGraphs:
         self.backbone, self.cache, self.capture = runtime.backbone, cache, capture
         self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
         text, n, dev = runtime.text, self.buckets[-1], cache.device
-        dtype = runtime.lm_head.weight.dtype
+        dtype = runtime.embed_tokens.weight.dtype
         self.x = torch.zeros(n, text.hidden_size, dtype=dtype, device=dev)  # the last MLP output
         self.residual = torch.zeros_like(self.x)
         # q and o are static buffers: no layer's graph holds an output of its own

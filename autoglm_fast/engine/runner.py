@@ -68,7 +68,7 @@ class ReferenceRunner:
         for req, n in zip(requests, num_tokens):
             if req.num_computed == 0:  # new, or recomputing after preemption
                 self.kv[req.request_id] = make_caches(rt.text, 1, min(self.max_model_len, req.total_len +
-                                                                      req.params.max_tokens), rt.lm_head.weight)
+                                                                      req.params.max_tokens), rt.embed_tokens.weight)
             positions = torch.arange(req.num_computed, req.num_computed + n, device=req.prompt_embeds.device)
             hidden = rt.backbone(rt.step_embeds([req], [n])[None], positions[None], self.kv[req.request_id],
                                  rope_positions=_rope_batch(rt.rope_positions([req], [n])))

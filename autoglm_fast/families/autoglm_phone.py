@@ -63,7 +63,7 @@ class AutoGLMPhoneRuntime(FamilyRuntime):
     def admit(self, req) -> None:
         """The encoders, once. Whisper's log-mel runs here, on the model's device (the 30 s window's STFT
         is a few ms on a CPU, far less on a GPU), not when the request is added."""
-        m, model, device = req.media, self.model, self.model.lm_head.weight.device
+        m, model, device = req.media, self.model, self.embed_tokens.weight.device
         images = model.encode_images(m["pixel_values"].to(device)) if "pixel_values" in m else None
         audio = None
         if "waveforms" in m:

@@ -67,9 +67,16 @@ class FamilyRuntime(ABC):
         return []
 
     def decode_weight_count(self) -> int:
-        """Parameters one decode step reads: the decoder and lm_head, one row of the embedding table aside."""
-        return (sum(p.numel() for p in self.backbone.parameters()) - self.embed_tokens.weight.numel()
-                + self.lm_head.weight.numel())
+        """Parameters one decode step reads: the decoder and lm_head, one row of the embedding table aside
+        (a quantized layer counts the weights it stands for)."""
+        from ..quant.memory import parameter_count
+        return parameter_count(self.backbone) - self.embed_tokens.weight.numel() + parameter_count(self.lm_head)
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes one decode step reads of the weights, as stored (quantized layers packed): the roofline's."""
+        from ..quant.memory import weight_bytes
+        embed = self.embed_tokens.weight
+        return weight_bytes(self.backbone) - embed.numel() * embed.element_size() + weight_bytes(self.lm_head)
 
     def drop_encoders(self, **keep: bool) -> None:
         """Free encoders a deployment does not want (keyword per encoder, e.g. vision=False)."""

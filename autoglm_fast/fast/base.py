@@ -52,15 +52,25 @@ def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
     the fused tensors, so the state dict is unchanged and no weight is held twice. (Swap after moving
     the model to its device and dtype: a later .to() copies views apart.)"""
     weight = torch.cat([lin.weight.detach() for lin in linears])
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.weight.new_zeros(lin.weight.shape[0]) if lin.bias is None else lin.bias.detach()
-                          for lin in linears])
     start = 0
     for lin in linears:
         n = lin.weight.shape[0]
         lin.weight = nn.Parameter(weight[start:start + n], requires_grad=lin.weight.requires_grad)
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=lin.bias.requires_grad)
         start += n
-    return weight, bias
+    return weight, fuse_bias(linears, weight.dtype, weight.device)
+
+
+def fuse_bias(layers, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """The layers' biases as one tensor (zeros where a layer has none; None if none has one); each layer's
+    bias becomes a view into it."""
+    if all(layer.bias is None for layer in layers):
+        return None
+    bias = torch.cat([torch.zeros(layer.out_features, dtype=dtype, device=device) if layer.bias is None
+                      else layer.bias.detach() for layer in layers])
+    start = 0
+    for layer in layers:
+        n = layer.out_features
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(bias[start:start + n], requires_grad=layer.bias.requires_grad)
+        start += n
+    return bias

@@ -10,26 +10,30 @@ vision tower has one qkv projection already (families/glm4v/fast.py).
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..reference.clip import CLIPAttention
 from ..reference.whisper import WhisperAttention
-from .base import FastModule, fuse_linears
+from .base import FastModule
+from .quant import fuse_projections, linear
 
 
 class _FusedQKV(FastModule):
     @classmethod
     def from_reference(cls, ref):
         fast = super().from_reference(ref)
-        weight, bias = fuse_linears(fast.q_proj, fast.k_proj, fast.v_proj)
-        fast.register_buffer("qkv_weight", weight, persistent=False)
+        weight, bias = fuse_projections(fast.q_proj, fast.k_proj, fast.v_proj)
+        if isinstance(weight, nn.Module):
+            fast.qkv_weight = weight  # quantized towers: the fused layer (its buffers stay out of the state dict)
+        else:
+            fast.register_buffer("qkv_weight", weight, persistent=False)
         fast.register_buffer("qkv_bias", bias, persistent=False)
         return fast
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[n, t, d] -> q, k, v [n, heads, t, head_dim] from one GEMM."""
         n, t, _ = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, t, 3, self.num_heads, self.head_dim)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias).view(n, t, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def _out(self, y: Tensor) -> Tensor:

@@ -6,6 +6,8 @@
                        sandwich norm of x before the add, in the same pass)
     FastGlmMLP         gate_up GEMM -> down GEMM with SwiGLU fused into its input (decode sizes), or
                        gate_up GEMM -> SwiGLU (one pass) -> down GEMM
+Every projection may be a QuantLinear (weight-only int8 / int4): `linear` runs its Triton GEMV / GEMM
+instead of cuBLAS, and the quantized down projection takes the SwiGLU into its GEMV the same way.
     FastGlmDecoderLayer  the layer wiring; on the paged cache the residual stream is threaded between layers
     FastGlmModel       the decoder on the paged cache: each layer's MLP output is added to the residual by
                        the next layer's input norm (the last one's by the final norm), and no cos/sin tables
@@ -17,17 +19,18 @@ plain full forward, or the reference's contiguous KVCache) FastGlmAttention runs
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..kernels.norms import rms_norm, swiglu
 from ..kernels.swiglu_down import MAX_ROWS as SWIGLU_DOWN_MAX_ROWS, swiglu_down
 from ..kernels.paged_attention import paged_prefill_attention
 from ..kernels.paged_decode import paged_decode_attention
+from ..kernels.quant import GEMV_MAX_ROWS
 from ..kernels.rotary_cache import qkv_rope_cache_write, rope_cos_sin_cache
 from ..paged_cache import PagedLayerCache
 from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, GlmModel, RMSNorm, rotary_inv_freq
-from .base import FastModule, fuse_linears
+from .base import FastModule
+from .quant import FastQuantLinear, fuse_projections, linear
 
 
 _COS_SIN_CACHES: dict[tuple, Tensor] = {}  # (rotary_dim, theta, max_positions, device) -> RoPE table
@@ -77,13 +80,13 @@ class FastGlmMLP(FastModule, GlmMLP):
         if not self.kernels_usable(x):
             y = GlmMLP.forward(self, x)
             return y if out is None else out.copy_(y)
-        gate_up = F.linear(x, self.gate_up_proj.weight)
-        if gate_up.numel() <= SWIGLU_DOWN_MAX_ROWS * gate_up.shape[-1]:
-            return swiglu_down(gate_up, self.down_proj.weight, out=out)
-        act = swiglu(gate_up)
-        if out is None:
-            return F.linear(act, self.down_proj.weight)
-        return torch.matmul(act, self.down_proj.weight.t(), out=out)
+        gate_up, down = linear(x, self.gate_up_proj), self.down_proj
+        rows = gate_up.numel() // gate_up.shape[-1]
+        if isinstance(down, FastQuantLinear) and rows <= GEMV_MAX_ROWS:
+            return down(gate_up, swiglu=True, out=out)  # the quantized GEMV forms silu(gate) * up in its loads
+        if isinstance(down, nn.Linear) and rows <= SWIGLU_DOWN_MAX_ROWS:
+            return swiglu_down(gate_up, down.weight, out=out)
+        return linear(swiglu(gate_up), down, out=out)
 
 
 class FastGlmAttention(FastModule, GlmAttention):
@@ -93,8 +96,11 @@ class FastGlmAttention(FastModule, GlmAttention):
         and become views into it, so the state dict is unchanged and no weight is held twice.
         (Swap after moving the model to its device and dtype: a later .to() copies views apart.)"""
         fast = super().from_reference(ref)
-        fused_w, fused_b = fuse_linears(fast.q_proj, fast.k_proj, fast.v_proj)
-        fast.register_buffer("qkv_weight", fused_w, persistent=False)
+        fused_w, fused_b = fuse_projections(fast.q_proj, fast.k_proj, fast.v_proj)
+        if isinstance(fused_w, nn.Module):
+            fast.qkv_weight = fused_w  # quantized: the fused layer (its buffers stay out of the state dict)
+        else:
+            fast.register_buffer("qkv_weight", fused_w, persistent=False)
         fast.register_buffer("qkv_bias", fused_b, persistent=False)
         return fast
 
@@ -129,7 +135,7 @@ class FastGlmAttention(FastModule, GlmAttention):
         if meta.max_seq_len > self.max_position_embeddings:  # a host int: no sync
             raise ValueError(f"a sequence of the step has {meta.max_seq_len} tokens, more than the model's "
                              f"max_position_embeddings ({self.max_position_embeddings}), which the RoPE table covers")
-        qkv = F.linear(x, self.qkv_weight)  # the bias is added by the epilogue
+        qkv = linear(x, self.qkv_weight)  # the bias is added by the epilogue
         return qkv_rope_cache_write(qkv, self.qkv_bias, meta.positions if rope is None else rope, meta.slot_mapping,
                                     self.cos_sin_cache(x.device), cache.k_pool, cache.v_pool, self.num_heads,
                                     self.num_kv_heads, self.head_dim, q_out=q_out,
@@ -152,7 +158,7 @@ class FastGlmAttention(FastModule, GlmAttention):
 
     def output(self, o: Tensor) -> Tensor:
         """o [N, heads, head_dim] -> [N, hidden]: the output projection."""
-        return F.linear(o.reshape(o.shape[0], -1), self.o_proj.weight)
+        return linear(o.reshape(o.shape[0], -1), self.o_proj)
 
 
 class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):

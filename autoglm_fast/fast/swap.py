@@ -16,13 +16,15 @@ from .adapter import FastDualPathAdapter
 from .encoders import FastCLIPAttention, FastWhisperAttention
 from .fusion import FastGatedFusion
 from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastGlmModel, FastRMSNorm
+from .quant import FastQuantLinear
+from ..quant.linear import QuantLinear
 
 # reference class -> fast class (exact types: a subclass may change the math). The shared layers are
 # here; a family's own (e.g. GLM-4.1V's vision blocks) come from its `fast_modules` entry, read lazily.
 FAST_MODULES: dict[type, type] = {
     DualPathAdapter: FastDualPathAdapter, GatedFusion: FastGatedFusion,
     GlmModel: FastGlmModel, GlmDecoderLayer: FastGlmDecoderLayer, GlmAttention: FastGlmAttention,
-    GlmMLP: FastGlmMLP,
+    GlmMLP: FastGlmMLP, QuantLinear: FastQuantLinear,
     RMSNorm: FastRMSNorm, CLIPAttention: FastCLIPAttention, WhisperAttention: FastWhisperAttention,
 }
 

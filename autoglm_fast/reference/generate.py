@@ -35,7 +35,7 @@ def greedy_generate(model: AutoGLMPhoneForCausalLM, input_ids: Tensor, max_new_t
         raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     input_ids = input_ids.to(device)
     stops = torch.tensor(stop_token_ids or model.config.eos_token_ids, device=device)
     B, T = input_ids.shape

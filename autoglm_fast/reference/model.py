@@ -79,16 +79,23 @@ class AutoGLMPhoneForCausalLM(nn.Module):
     # ---- construction, weights -------------------------------------------------------------
     @classmethod
     def from_config(cls, config: AutoGLMPhoneConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> "AutoGLMPhoneForCausalLM":
-        """Seeded random weights, allocated once in `dtype` on `device` (no fp32 detour)."""
+                    device: torch.device | str = "cpu", quantization=None) -> "AutoGLMPhoneForCausalLM":
+        """Seeded random weights, allocated once in `dtype` on `device` (no fp32 detour); quantization: a
+        quant.QuantConfig (each target Linear quantized as it is made)."""
         from ..weights import random_model
-        return random_model(cls, config, seed, dtype, device)
+        return random_model(cls, config, seed, dtype, device, quantization)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "AutoGLMPhoneForCausalLM":
+    def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                        quantization=None) -> "AutoGLMPhoneForCausalLM":
         from ..weights import load_pretrained
-        return load_pretrained(cls, directory, dtype=dtype, device=device)
+        return load_pretrained(cls, directory, dtype=dtype, device=device, quantization=quantization)
+
+    checkpoint_name = staticmethod(lambda key: key)  # our own checkpoints use the model's names
+
+    def quantization_roles(self) -> dict[str, list[nn.Module]]:
+        """What weight-only quantization may replace (quant/quantize.py): the decoder, lm_head, the towers."""
+        return {"decoder": [self.model], "lm_head": [self.lm_head], "towers": [self.vision_tower, self.audio_tower]}
 
     def save_pretrained(self, directory, max_shard_size: int | str = "2GB", tokenizer=None) -> None:
         """See `weights.save_pretrained`; pass the tokenizer (or use `Engine.save_pretrained`) so the
@@ -102,26 +109,32 @@ class AutoGLMPhoneForCausalLM(nn.Module):
         from ..weights import load_hf_weights
         return load_hf_weights(self, path, part=part, **kwargs)
 
+    def parts(self) -> dict[str, list[nn.Module | None]]:
+        return {part: [getattr(self, m) for m in mods] for part, mods in PARTS.items()}
+
     def parameter_counts(self) -> dict[str, int]:
-        counts = {part: sum(p.numel() for m in mods if getattr(self, m) is not None
-                                for p in getattr(self, m).parameters()) for part, mods in PARTS.items()}
-        counts["total"] = sum(counts.values())
-        return counts
+        from ..quant.memory import parameter_count, part_sizes
+        return part_sizes(self.parts(), parameter_count)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes per part as stored (quantized layers packed)."""
+        from ..quant.memory import part_sizes, weight_bytes
+        return part_sizes(self.parts(), weight_bytes)
 
     def setup_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        return make_caches(self.config.text, batch_size, max_len, self.lm_head.weight)
+        return make_caches(self.config.text, batch_size, max_len, self.model.embed_tokens.weight)
 
     # ---- encoders ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[N, 3, S, S] preprocessed images -> [N, num_image_tokens, text_hidden]."""
-        feats = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype))
+        feats = self.vision_tower(pixel_values.to(self.model.embed_tokens.weight.dtype))
         return self.vision_connector(self.vision_adapter(feats))
 
     def encode_audio(self, input_features: Tensor, num_samples: list[int]) -> list[Tensor]:
         """[N, mels, frames] log-mel windows + each clip's sample count -> N tensors [tokens_i, text_hidden]."""
         if len(num_samples) != input_features.shape[0]:
             raise ValueError(f"num_samples has {len(num_samples)} entries for {input_features.shape[0]} clips")
-        frames = self.audio_tower(input_features.to(self.lm_head.weight.dtype))
+        frames = self.audio_tower(input_features.to(self.model.embed_tokens.weight.dtype))
         kept = [self.config.audio.num_frames(n) for n in num_samples]
         pooled, lengths = pool_frames(frames, kept, self.config.audio.pool_stride)
         pad = torch.arange(pooled.shape[1], device=pooled.device)[None] >= lengths[:, None]

@@ -13,10 +13,10 @@ table. Patch embedding, the position resample, downsample and merger run once pe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ...fast.base import FastModule, fuse_linears
+from ...fast.base import FastModule
+from ...fast.quant import fuse_projections, linear
 from ...fast.glm import FastRMSNorm
 from ...kernels.adapter_attention import varlen_attention
 from ...kernels.norms import swiglu
@@ -27,12 +27,12 @@ class FastGlm4vVisionAttention(FastModule, Glm4vVisionAttention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor) -> Tensor:
         if not self.kernels_usable(x) or x.dim() != 2:
             return Glm4vVisionAttention.forward(self, x, cos, sin, cu_seqlens)
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)  # [N, 3E]: q | k | v, heads contiguous in each
+        qkv = linear(x, self.qkv)  # [N, 3E]: q | k | v, heads contiguous in each
         vision_rope_(qkv, cos.float(), sin.float(), self.num_heads)  # the tower's tables are fp32 already
         # No max_seqlen: the grid then covers all rows per image and the programs past an image's end exit
         # at once - cheaper than the host sync that reading the longest image would cost every block.
         o = varlen_attention(qkv, self.num_heads, cu_seqlens.to(torch.int32))
-        return F.linear(o, self.proj.weight, self.proj.bias)
+        return linear(o, self.proj)
 
 
 class FastGlm4VisionMlp(FastModule, Glm4VisionMlp):
@@ -43,14 +43,17 @@ class FastGlm4VisionMlp(FastModule, Glm4VisionMlp):
         gate, up = fast.gate_proj, fast.up_proj
         if gate.bias is not None or up.bias is not None:
             raise ValueError("FastGlm4VisionMlp expects bias-free gate/up projections, as Glm4VisionMlp builds")
-        fused, _ = fuse_linears(gate, up)
-        fast.register_buffer("gate_up_weight", fused, persistent=False)
+        fused, _ = fuse_projections(gate, up)
+        if isinstance(fused, nn.Module):
+            fast.gate_up_weight = fused  # quantized tower: the fused layer
+        else:
+            fast.register_buffer("gate_up_weight", fused, persistent=False)
         return fast
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.kernels_usable(x):
             return Glm4VisionMlp.forward(self, x)
-        return F.linear(swiglu(F.linear(x, self.gate_up_weight)), self.down_proj.weight)
+        return linear(swiglu(linear(x, self.gate_up_weight)), self.down_proj)
 
 
 class FastGlm4vVisionBlock(FastModule, Glm4vVisionBlock):

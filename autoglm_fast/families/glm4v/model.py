@@ -9,6 +9,7 @@ so the fast GLM layers and the paged cache serve both families. Parameter names 
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -44,43 +45,58 @@ class Glm4vForConditionalGeneration(nn.Module):
     # ---- construction, weights -------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Glm4vConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
-        """Seeded random weights, allocated once in `dtype` on `device`."""
+                    device: torch.device | str = "cpu", quantization=None) -> "Glm4vForConditionalGeneration":
+        """Seeded random weights, allocated once in `dtype` on `device`; quantization: a quant.QuantConfig."""
         from ...weights import random_model
-        return random_model(cls, config, seed, dtype, device)
+        return random_model(cls, config, seed, dtype, device, quantization)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "Glm4vForConditionalGeneration":
-        """A transformers checkpoint directory (config.json, generation_config.json, safetensors)."""
-        from ...weights import _check_materialized, checkpoint_files, load_tensors
+    def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                        quantization=None) -> "Glm4vForConditionalGeneration":
+        """A transformers checkpoint directory (config.json, generation_config.json, safetensors), AWQ 4-bit
+        ones included (their quantization_config says so); quantization: a quant.QuantConfig (RTN at load)."""
+        from ...quant.awq import awq_settings
+        from ...weights import load_checkpoint
         directory = Path(directory)
+        config = Glm4vConfig.load(directory)
         with torch.device("meta"):
-            model = cls(Glm4vConfig.load(directory))
+            model = cls(config)
         expected = set(model.state_dict())
         if model.config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-        load_tensors(model, checkpoint_files(directory), hf_name, expected, dtype, device, str(directory))
+        load_checkpoint(model, directory, hf_name, expected, dtype, device, quantization,
+                        awq_settings(json.loads((directory / "config.json").read_text())))
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        _check_materialized(model)
         return model.eval()
 
+    checkpoint_name = staticmethod(lambda key: hf_name(key))  # a checkpoint tensor name -> ours
+
+    def quantization_roles(self) -> dict[str, list[nn.Module]]:
+        """What weight-only quantization may replace (quant/quantize.py): the decoder, lm_head, the ViT."""
+        return {"decoder": [self.model.language_model], "lm_head": [self.lm_head], "towers": [self.model.visual]}
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """As SPEC §6 counts them: the language model includes its embedding table; a tied lm_head is in it."""
+        return {"language_model": [self.model.language_model], "vision": [self.model.visual],
+                "lm_head": [] if self.config.tie_word_embeddings else [self.lm_head]}
+
     def parameter_counts(self) -> dict[str, int]:
-        """Per part, as SPEC §6 counts them (the language model includes its embedding table)."""
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        counts = {"language_model": count(self.model.language_model), "vision": count(self.model.visual),
-                  "lm_head": 0 if self.config.tie_word_embeddings else self.lm_head.weight.numel()}
-        counts["total"] = sum(counts.values())
-        return counts
+        from ...quant.memory import parameter_count, part_sizes
+        return part_sizes(self.parts(), parameter_count)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes per part as stored (quantized layers packed)."""
+        from ...quant.memory import part_sizes, weight_bytes
+        return part_sizes(self.parts(), weight_bytes)
 
     def setup_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        return make_caches(self.config.text, batch_size, max_len, self.lm_head.weight)
+        return make_caches(self.config.text, batch_size, max_len, self.model.language_model.embed_tokens.weight)
 
     # ---- inputs --------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Tensor:
         """Processed patches [sum t*h*w, patch_dim] -> [sum t*h*w / 4, hidden]: one row per image token."""
-        return self.model.visual(pixel_values.to(self.lm_head.weight.dtype), image_grid_thw)
+        return self.model.visual(pixel_values.to(self.model.language_model.embed_tokens.weight.dtype), image_grid_thw)
 
     def embed(self, input_ids: Tensor, image_embeds: Tensor | None = None) -> Tensor:
         """Token embeddings [B, T, H] with image rows written at the `<|image|>` placeholders, in order."""

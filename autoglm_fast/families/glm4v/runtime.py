@@ -99,7 +99,7 @@ class Glm4vRuntime(FamilyRuntime):
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
     def admit(self, req) -> None:
-        m, device = req.media, self.model.lm_head.weight.device
+        m, device = req.media, self.embed_tokens.weight.device
         grid = m.get("image_grid_thw")
         rope, delta = mrope_positions(req.prompt_ids, grid, self.config)  # validates the placeholder count
         images = self.model.encode_images(m["pixel_values"].to(device), grid.to(device)) if grid is not None else None
@@ -155,7 +155,7 @@ class MRopeDecodeInputs(DecodeInputs):
 
     def __init__(self, runtime: Glm4vRuntime, num_rows: int):
         super().__init__(runtime, num_rows)
-        self.rope_delta = torch.zeros(num_rows, dtype=torch.int64, device=runtime.lm_head.weight.device)
+        self.rope_delta = torch.zeros(num_rows, dtype=torch.int64, device=runtime.embed_tokens.weight.device)
 
     def set_row(self, row: int, req) -> None:
         self.rope_delta[row] = req.state.rope_delta
