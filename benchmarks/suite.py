@@ -114,7 +114,7 @@ def measure(args, opts: Options) -> dict:
     """Run the chosen suites; with --json the file is rewritten after every row (a killed run keeps its rows)."""
     if opts.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, just below
-    from . import adapter, backbone, e2e, e2e_glm4v, e2e_serving
+    from . import adapter, backbone, e2e, e2e_glm4v, e2e_serving, quant
 
     print(f"measuring the ceilings of {opts.device} ...", flush=True)
     ceilings = measure_ceilings(opts.device, quick=opts.small)
@@ -151,9 +151,10 @@ def measure(args, opts: Options) -> dict:
 
     for suite in suites:
         rec = Recorder(suite, opts, landed)
-        # backbone first: its decode and prefill rows carry the headline targets if a time box cuts the run
-        {"kernels": lambda: (backbone.run(rec), adapter.run(rec)),
-         "e2e": lambda: (e2e.run(rec), e2e_glm4v.run(rec), e2e_serving.run(rec))}[suite]()
+        # backbone first: its decode and prefill rows carry the headline targets if a time box cuts the run;
+        # the quantized rows next (their decode b1 is a headline row too)
+        {"kernels": lambda: (backbone.run(rec), quant.run_kernels(rec), adapter.run(rec)),
+         "e2e": lambda: (e2e.run(rec), quant.run_e2e(rec), e2e_glm4v.run(rec), e2e_serving.run(rec))}[suite]()
     run["complete"] = True
     return run
 

@@ -169,8 +169,9 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
             "gated fusion", "decode attention", "prefill attention", "rmsnorm+residual", "swiglu",
             "qkv bias+rope+cache", "mlp down+swiglu", "decode b1", "ttft", "throughput b2"} <= cases
     keys = [(r["suite"], r["case"], r["shape"]) for r in run["rows"]]
-    # 23 kernel rows + 5 e2e + 3 GLM-4.1V agent-step rows + mixed arrivals, a mixed step and the agent loop
-    assert len(keys) == len(set(keys)) == 34
+    # 23 kernel rows + 12 quantized (int8 / int4 x qkv, gate_up, down x 1, 17 rows) + 5 e2e + 4 quantized
+    # e2e (int8 / int4 x b1, b2) + 3 GLM-4.1V agent-step rows + mixed arrivals, a mixed step and the agent loop
+    assert len(keys) == len(set(keys)) == 50
     assert {"agent step ttft", "agent step", "mixed arrivals", "mixed step", "agent loop"} <= cases
     loop = next(r for r in run["rows"] if r["case"] == "agent loop")["metrics"]  # an agent step prefills what is new
     assert 0 < loop["ours: prefilled tokens"] < loop["ours, no prefix caching: prefilled tokens"]
@@ -195,7 +196,8 @@ def test_bench_small_writes_json_markdown_and_plots(tmp_path):
     rotated = {(r["case"], r["shape"]) for r in run["rows"] if r["l2"].startswith("rotate ")}  # the graph rows
     assert rotated == {("decode attention", "b1 ctx33"), ("decode attention", "b3 ctx33"), ("swiglu", "1x152"),
                        ("qkv bias+rope+cache", "1 tokens"), ("rmsnorm+residual", "1x72"), ("gated fusion", "1 rows x 72"),
-                       ("mlp down+swiglu", "1x152->72"), ("mlp down+swiglu", "33x152->72")}
+                       ("mlp down+swiglu", "1x152->72"), ("mlp down+swiglu", "33x152->72")} | {
+        (r["case"], r["shape"]) for r in run["rows"] if r["case"] in ("quant gemv", "quant gemm")}  # all decode-sized
     assert {r["l2"] for r in run["rows"] if r["suite"] == "kernels"} - {r["l2"] for r in run["rows"] if (
         r["case"], r["shape"]) in rotated} <= {"flush", "one copy"}
     assert all(r["l2"] == "" for r in run["rows"] if r["suite"] == "e2e")

@@ -28,7 +28,8 @@ def test_matrix_covers_every_kernel_and_target(results):
     kernels = {r.kernel for r in results}
     assert kernels == {"linear+gelu", "linear+residual", "linear+layernorm", "adapter_attention", "gated_fusion",
                        "fusion_summary", "rms_norm", "swiglu", "qkv_rope_cache", "paged_prefill_attention",
-                       "paged_decode_attention", "vision_rope", "swiglu_down"}
+                       "paged_decode_attention", "vision_rope", "swiglu_down", "quant_gemv int8", "quant_gemv int4",
+                       "quant_gemm int8", "quant_gemm int4"}
     for k in kernels:
         assert {r.target for r in results if r.kernel == k} == set(TARGETS)
 

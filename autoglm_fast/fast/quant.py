@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.norms import swiglu as swiglu_act
 from ..kernels.quant import quant_linear
 from ..quant.linear import QuantLinear, fuse_quant_linears
 from .base import FastModule, fuse_bias, fuse_linears
@@ -18,6 +19,9 @@ class FastQuantLinear(FastModule, QuantLinear):
         if not self.kernels_usable(x) or x.dtype != self.dtype:
             y = QuantLinear.forward(self, x, swiglu)
             return y if out is None else out.copy_(y)
+        if self.packed_in != self.in_features:  # zero-padded int4 columns: x padded to match
+            x = self.pad(swiglu_act(x) if swiglu else x)
+            swiglu = False
         return quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, out=out, swiglu=swiglu)
 
 

@@ -8,6 +8,7 @@ parameter, so a quantized model moves, saves and counts bytes like any module.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.quant import dequantize, quantize_int4, quantize_int8, reference_quant_linear, weight_format
@@ -20,18 +21,21 @@ class QuantLinear(nn.Module):
                  group_size: int = 128, dtype: torch.dtype | None = None, device=None, persistent: bool = True):
         """Empty quantized storage for a [out_features, in_features] weight (fill with `from_linear` /
         `from_quantized`). dtype: the activations' (bias and int4 scales). persistent=False keeps the
-        buffers out of the state dict (a fused view of layers that save their own)."""
+        buffers out of the state dict (a fused view of layers that save their own). int4 with in_features
+        not a multiple of group_size (tiny models, odd tower widths) stores zero columns up to the next
+        multiple (`packed_in`); the forward pads x with zeros to match."""
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
         dtype = dtype or torch.get_default_dtype()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = in_features if bits == 8 else group_size
+        self.packed_in = in_features if bits == 8 else -(-in_features // group_size) * group_size
         if bits == 8:
             shapes = {"qweight": ((out_features, in_features), torch.int8), "scales": ((1, out_features), torch.float32)}
         else:
-            groups = in_features // group_size
-            shapes = {"qweight": ((out_features, in_features // 2), torch.uint8),
+            groups = self.packed_in // group_size
+            shapes = {"qweight": ((out_features, self.packed_in // 2), torch.uint8),
                       "scales": ((groups, out_features), dtype), "zeros": ((groups, out_features), torch.uint8)}
         for name, (shape, dt) in shapes.items():
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device), persistent=persistent)
@@ -41,11 +45,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qweight: Tensor, scales: Tensor, zeros: Tensor | None = None,
-                       bias: Tensor | nn.Parameter | None = None, persistent: bool = True) -> "QuantLinear":
-        """Wrap packed tensors as they are (no copy); the format is checked."""
+                       bias: Tensor | nn.Parameter | None = None, persistent: bool = True,
+                       in_features: int | None = None) -> "QuantLinear":
+        """Wrap packed tensors as they are (no copy); the format is checked. in_features: the real input
+        width where the packed weight carries zero columns past it (int4, default: none)."""
         bits, N, K, group = weight_format(qweight, scales, zeros)
+        in_features = K if in_features is None else in_features
+        if not K - (group if bits == 4 else 1) < in_features <= K:
+            raise ValueError(f"in_features={in_features} does not fit a packed weight {K} wide (group_size {group})")
         with torch.device("meta"):
-            layer = cls(K, N, bias=False, bits=bits, group_size=group, dtype=scales.dtype, persistent=persistent)
+            layer = cls(in_features, N, bias=False, bits=bits, group_size=group, dtype=scales.dtype,
+                        persistent=persistent)
         layer.qweight, layer.scales, layer.zeros = qweight, scales, zeros
         if bias is not None:
             layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
@@ -57,11 +67,11 @@ class QuantLinear(nn.Module):
         w = linear.weight
         if bits == 8:
             packed = quantize_int8(w) + (None,)
-        elif bits == 4:
-            packed = quantize_int4(w, group_size)
+        elif bits == 4:  # zero columns quantize to their group's zero point: exactly 0 once dequantized
+            packed = quantize_int4(F.pad(w, (0, -w.shape[1] % group_size)), group_size)
         else:
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-        return cls.from_quantized(*packed, bias=linear.bias)
+        return cls.from_quantized(*packed, bias=linear.bias, in_features=w.shape[1])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,7 +80,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The [out_features, in_features] weight this layer stands for."""
-        return dequantize(self.qweight, self.scales, self.zeros, dtype or self.dtype)
+        return dequantize(self.qweight, self.scales, self.zeros, dtype or self.dtype)[:, :self.in_features]
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.bias)
@@ -78,7 +88,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor, swiglu: bool = False) -> Tensor:
         """y = x @ dequantize()^T + bias; swiglu: x is [..., 2K] (gate | up) and the layer reads silu(gate) * up."""
-        return reference_quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, swiglu=swiglu)
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = up * F.silu(gate)
+        return reference_quant_linear(self.pad(x), self.qweight, self.scales, self.zeros, self.bias)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """x with zero columns up to the packed width (a copy only where the layer has padding)."""
+        return x if self.packed_in == self.in_features else F.pad(x, (0, self.packed_in - self.in_features))
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -101,4 +118,4 @@ def fuse_quant_linears(*layers: QuantLinear) -> QuantLinear:
     for l in layers:
         l.qweight = qweight[start:start + l.out_features]
         start += l.out_features
-    return QuantLinear.from_quantized(qweight, scales, zeros, persistent=False)
+    return QuantLinear.from_quantized(qweight, scales, zeros, persistent=False, in_features=first.in_features)

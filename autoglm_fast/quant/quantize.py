@@ -37,15 +37,12 @@ class QuantConfig:
     def bits(self) -> int:
         return METHODS[self.method]
 
-    def bits_for(self, role: str, linear: nn.Linear) -> int | None:
-        """The bits a Linear of this role gets, or None to keep it (towers unless asked; int4 needs whole groups,
-        so a tower Linear whose in_features is not a multiple of group_size falls back to int8)."""
+    def bits_for(self, role: str) -> int | None:
+        """The bits a Linear of this role gets, or None to keep it (the towers unless asked)."""
         if role == "lm_head":
             return 8
         if role == "towers" and not self.quantize_vision:
             return None
-        if self.bits == 4 and linear.in_features % self.group_size:
-            return 8
         return self.bits
 
 
@@ -71,7 +68,7 @@ def quant_targets(model: nn.Module, config: QuantConfig) -> dict[str, int]:
     targets = {}
     for name, module in model.named_modules():
         if type(module) is nn.Linear and id(module) in role_of:
-            bits = config.bits_for(role_of[id(module)], module)
+            bits = config.bits_for(role_of[id(module)])
             if bits is not None:
                 targets[name] = bits
     return targets

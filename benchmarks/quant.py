@@ -1,0 +1,167 @@
+"""Weight-only int8 / int4 (issue 18): the quantized linear kernels and the quantized engine's decode.
+
+Kernel rows (`--suite kernels`, case "quant gemv" for M <= 16 rows, "quant gemm" above): the 9B decoder's
+qkv, gate_up and down projections (autoglm-phone-9b's shapes, from its preset) at M = 1, 8, 32, 512, int8
+and int4 (groups of 128) through `quant_linear`, against cuBLAS fp16 `F.linear` on the unquantized weight
+of the same shape and the eager dequantize-then-linear reference (+ its torch.compile). The GEMV's down
+projection takes GLM's gate_up output and forms the SwiGLU in its loads, so its cuBLAS baseline runs the
+SwiGLU kernel first (as the unquantized decode MLP does); the GEMM takes the SwiGLU's output. Bytes: the
+quantized weight as stored (codes + scales + zero points) plus x and y - % roofline is of the measured
+copy bandwidth, SPEC §4's ">= 80 %" for the GEMV. Decode-sized rows (M <= 32) are CUDA-graph timed over
+rotated copies past 2x L2 (weights come from HBM, as in the model), M = 512 on the stream.
+
+E2E rows (`--suite e2e`, "quant decode b1", "quant throughput b8 / b32"): the autoglm-phone-9b preset
+(seeded random weights, towers dropped: decode never runs them) with quantization int8 / int4 vs the same
+engine unquantized (the "unquantized" column; vs unquantized = SPEC §4's speedup: int4 >= 2.5x, int8 >=
+1.7x at batch 1). decode b1 is the median step time once one request decodes (e2e._decode_ms), the
+throughput rows ms per generated token of that many requests (e2e._ms_per_token, prefill included). The
+roofline: the weight bytes one decode step reads as stored (runtime.decode_weight_bytes) plus the KV cache
+it reads, per generated token. Headline rows (--part headline): decode b1. --shapes small: tiny
+projections at 1 and 17 rows, the nano preset at batch 1 and 2 (the interpreter takes seconds per token).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import NAN, Recorder, Row, with_engine
+from .e2e import _decode_ms, _ms_per_token
+
+METHODS = ("int8", "int4")
+GROUP_SIZE = 128
+PRESET = "autoglm-phone-9b"
+
+
+def _projections(small: bool) -> list[tuple[str, int, int, bool]]:
+    """(name, N, K, swiglu input) of the decoder's projections, from the 9B preset (tiny ones when small).
+    down's GEMV input is gate_up's output [M, 2K]: the kernel forms silu(gate) * up as it loads x."""
+    if small:
+        hidden, inter, qkv = 128, 256, 160
+    else:
+        from autoglm_fast.families import family_for_preset
+        text = family_for_preset(PRESET).preset(PRESET).text
+        hidden, inter = text.hidden_size, text.intermediate_size
+        qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
+    return [("qkv", qkv, hidden, False), ("gate_up", 2 * inter, hidden, False), ("down", hidden, inter, True)]
+
+
+def _quantized(weight: torch.Tensor, method: str) -> tuple:
+    from autoglm_fast.kernels.quant import quantize_int4, quantize_int8
+    return (*quantize_int8(weight), None) if method == "int8" else quantize_int4(weight, GROUP_SIZE)
+
+
+def _stored_bytes(n: int, k: int, method: str, scale_bytes: int) -> int:
+    """An [n, k] weight as kernels/quant.py stores it: int8 codes + an fp32 scale per output channel, or two
+    int4 codes a byte + a scale (the model's dtype) and a uint8 zero point per group of GROUP_SIZE."""
+    if method == "int8":
+        return n * k + 4 * n
+    return n * k // 2 + (k // GROUP_SIZE) * n * (scale_bytes + 1)
+
+
+def run_kernels(rec: Recorder) -> None:
+    from autoglm_fast.kernels.norms import swiglu
+    from autoglm_fast.kernels.quant import GEMV_MAX_ROWS, quant_linear, reference_quant_linear
+
+    if rec.opts.part == "headline":
+        return  # no headline rows here
+    device, dtype, small = rec.opts.device, rec.opts.dtype, rec.opts.small
+    e = torch.empty((), dtype=dtype).element_size()
+    # rows first, so that a time box that cuts the run keeps the decode GEMV rows (SPEC §4's target)
+    for m in ((1, 17) if small else (1, 8, 32, 512)):
+        kind = "gemv" if m <= GEMV_MAX_ROWS else "gemm"
+        for method in METHODS:
+            for name, n, k, swiglu_input in _projections(small):
+                fused = swiglu_input and kind == "gemv"  # only the GEMV forms the SwiGLU in its loads
+                width = 2 * k if fused else k
+                shape = f"{method} {name}{'+swiglu' if fused else ''} {m}x{width}->{n}"
+                if not rec.selected(f"quant {kind}", shape):
+                    continue
+
+                def inputs(m=m, n=n, k=k, width=width, method=method):
+                    weight = torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5
+                    return (torch.randn(m, width, device=device, dtype=dtype), *_quantized(weight, method), weight)
+
+                cublas = ({"cublas+swiglu": lambda x, q, s, z, w: F.linear(swiglu(x), w)} if fused else
+                          {"cublas": lambda x, q, s, z, w: F.linear(x, w)})
+                rec.add(f"quant {kind}", shape, {
+                    "ours": lambda x, q, s, z, w, fused=fused: quant_linear(x, q, s, z, swiglu=fused),
+                    **cublas,
+                    "eager": lambda x, q, s, z, w, fused=fused: reference_quant_linear(x, q, s, z, swiglu=fused)},
+                    inputs=inputs, bytes=_stored_bytes(n, k, method, e) + (m * width + m * n) * e,
+                    flops=2 * m * n * k, graph=m <= 32)
+
+
+def _timed(engine, batch: int, params, prompt: list[int]) -> tuple[float, float, float]:
+    """(median, 20 %, 80 %) ms: per decode step at batch 1, per generated token of `batch` requests above."""
+    if batch == 1:
+        return _decode_ms(engine, params, prompt)
+    ms = _ms_per_token(engine, params, batch, prompt)
+    return ms, ms, ms
+
+
+def run_e2e(rec: Recorder) -> None:
+    from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
+
+    opts = rec.opts
+    preset, new_tokens, prompt = ("nano", 2, [7] * 8) if opts.small else (PRESET, 128, [7] * 32)
+    label = f"{preset} {opts.dtype_name}"
+    rows = {(method, b): Row("e2e", "quant decode b1" if b == 1 else f"quant throughput b{b}", f"{label} {method}",
+                             opts.dtype_name, {}, timer="engine")
+            for b in ((1, 2) if opts.small else (1, 8, 32)) for method in METHODS}
+    rows = {key: row for key, row in rows.items() if rec.selected(row.case, row.shape, headline=key[1] == 1)}
+    batches = sorted({b for _, b in rows})
+    if not batches:
+        return
+    sched = SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=2048, max_model_len=1024)
+    greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
+    unquantized: dict[int, tuple[float, float, float]] = {}
+
+    def measure(engine, method):
+        text = engine.config.text
+        kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * engine.dtype.itemsize
+        weights = engine.runtime.decode_weight_bytes()
+        for b in batches:  # ascending: a time box that cuts the run keeps batch 1
+            if method is not None and (method, b) not in rows:
+                continue
+            times = _timed(engine, b, greedy, prompt)
+            status = engine.graph_state.status
+            if method is None:
+                unquantized[b] = times if status in ("captured", "off") else None  # a fallback is no baseline
+                continue
+            row = rows[(method, b)]
+            # one step reads the weights once and each sequence's KV so far, for b tokens
+            row.bytes = (weights + b * kv * (len(prompt) + new_tokens // 2)) // b
+            row.ms["ours"], row.quantiles["ours"] = times[0], times[1:]
+            row.graphs["ours"] = status
+            row.metrics.update({"tokens/s": 1e3 / times[0], "weight GB per step": weights / 1e9})
+            if torch.cuda.is_available():
+                row.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            _compare(row, unquantized.get(b, ()))
+            rec.record(row)  # as it lands: a time box that cuts the run keeps it
+
+    for method in (None,) + METHODS:
+        mine = [row for (m, _), row in rows.items() if m == method or method is None]
+        if not mine:
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        failed = Row("e2e", "", "", opts.dtype_name, {})  # collects the engine's error for all its rows
+        with_engine(failed, "unquantized" if method is None else "ours", lambda method=method: Engine.from_preset(
+            preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+            enable_prefix_caching=False, load_vision=False, load_audio=False, quantization=method),
+            lambda engine, method=method: measure(engine, method))
+        for row in mine if failed.errors else ():
+            for impl, why in failed.errors.items():
+                row.errors.setdefault(impl, why)
+            if method is not None:
+                rec.record(row)
+
+
+def _compare(row: Row, base) -> None:
+    """The unquantized engine's time beside ours, and the speedup; an error when it has none to offer."""
+    if base is None:
+        row.errors["unquantized"] = "its CUDA-graph capture fell back to eager decoding: not a graphed time"
+    elif base:
+        row.ms["unquantized"], row.quantiles["unquantized"] = base[0], base[1:]
+        row.metrics["unquantized tokens/s"] = 1e3 / base[0]
+        row.metrics["speedup vs unquantized"] = base[0] / row.ms["ours"] if row.ms["ours"] > 0 else NAN
