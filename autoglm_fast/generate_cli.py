@@ -22,7 +22,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
-    """--quantization / --quantize-vision (generate, serve, bench, info)."""
+    """--quantization / --quantize-vision (generate, serve, info; bench has its own --quantization)."""
     p.add_argument("--quantization", "-q", choices=["int8", "int4", "awq"],
                    help="weight-only quantization at load, round to nearest: the decoder's linears in int8 or int4 "
                         "(groups of 128), lm_head in int8. awq: the checkpoint is AWQ 4-bit (it loads so without "

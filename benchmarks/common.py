@@ -267,6 +267,7 @@ class Options:
     compile_reference: bool = False    # e2e: also time torch.compile of the reference backend
     part: str = "all"                  # "headline": only the headline rows; "rest": all others; "all"
     l2_bytes: int | None = None        # L2 size the rotations assume; None: see `l2`
+    quantization: tuple[str, ...] = ("int8", "int4")  # the weight-only methods the quant rows measure
 
     @property
     def small(self) -> bool:

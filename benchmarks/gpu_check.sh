@@ -8,14 +8,16 @@
 #
 # Stages, most important first, each a time box (seconds; env overrides in brackets), all inside 8 minutes:
 #   install    pip install of the checkout, env.txt                    (not boxed: ~10-20 s)
-#   headline   e2e decode b1 (ours, graphed) at the short context, 4k, 32k; then decode attention at
-#              4k / 32k (batch 1, 8, 32) and causal prefill attention at 4k      170 [HEADLINE_S]
+#   headline   e2e decode b1 (ours, graphed) at the short context, 4k, 32k, and int8 / int4 beside the
+#              unquantized engine; then decode attention at 4k / 32k (batch 1, 8, 32) and causal prefill
+#              attention at 4k (three more 9B engines than before: 220)          220 [HEADLINE_S]
 #   tests      the GPU test files                                                 100 [TESTS_S] (+20 to stop)
 #   e2e        the other e2e rows: ours' TTFT and throughput, the no-graphs and reference baselines,
 #              then GLM-4.1V and the serving rows (those rarely fit: run STAGES=e2e E2E_S=400 for them)
-#                                                                                 100 [E2E_S]
+#                                                                                  60 [E2E_S]
 #   kernels    the other kernel rows: RoPE / RMSNorm / SwiGLU first, decode attention at 1k / 16k,
-#              prefill attention at 1k / 8k, the adapter rows and the gated fusion  50 [KERNELS_S]
+#              prefill attention at 1k / 8k, the int8 / int4 GEMV and GEMM rows, the adapter rows and
+#              the gated fusion                                                   50 [KERNELS_S]
 #   report     all JSON merged (a row measured twice: the later one) into results.json / results.md
 # A stage never runs past BUDGET_S (470) minus 20 s kept for the report: a late start shrinks its box,
 # and a stage with under 15 s left is skipped. The suites rewrite their JSON after each row, so a stage
@@ -91,7 +93,7 @@ KERNEL_OPTS=(--compile-mode "${COMPILE_MODE:-$([ "${SHAPES:-real}" = small ] && 
 
 if want headline; then
   stage headline
-  s=$(box "${HEADLINE_S:-170}")
+  s=$(box "${HEADLINE_S:-220}")
   rm -f "$OUT/headline.json"  # a run cut before its first row must not leave an older run's rows behind
   run_boxed headline "$s" timeout "$s" "${BENCH[@]}" --suite e2e kernels --part headline "${KERNEL_OPTS[@]}" \
     --json "$OUT/headline.json" >"$OUT/headline.log" 2>&1
@@ -110,14 +112,14 @@ if want tests; then
     tests/test_real_shapes.py tests/test_fast_modules.py tests/test_fast_backbone.py tests/test_paged_cache.py \
     tests/test_engine.py tests/test_engine_bf16.py tests/test_sampling.py tests/test_glm4v_fast_vision.py \
     tests/test_decode_step.py tests/test_mixed_step.py tests/test_prefix_cache.py tests/test_encoder_graphs.py \
-    tests/test_piecewise_graphs.py tests/test_launch_count.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
+    tests/test_piecewise_graphs.py tests/test_launch_count.py tests/test_quantized_models.py --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
   # pytest's own failures (exit 1) were counted by run_boxed; its summary is the log's tail
   tail -n 25 "$OUT/pytest.log"
 fi
 
 if want e2e; then
   stage e2e
-  s=$(box "${E2E_S:-100}")
+  s=$(box "${E2E_S:-60}")
   rm -f "$OUT/e2e.json"
   run_boxed e2e "$s" timeout "$s" "${BENCH[@]}" --suite e2e --part rest --json "$OUT/e2e.json" \
     >"$OUT/e2e.log" 2>&1

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from .common import NAN, Recorder, Row, with_engine
 from .e2e import _decode_ms, _ms_per_token
 
-METHODS = ("int8", "int4")
 GROUP_SIZE = 128
 PRESET = "autoglm-phone-9b"
 
@@ -66,10 +65,10 @@ def run_kernels(rec: Recorder) -> None:
         return  # no headline rows here
     device, dtype, small = rec.opts.device, rec.opts.dtype, rec.opts.small
     e = torch.empty((), dtype=dtype).element_size()
-    # rows first, so that a time box that cuts the run keeps the decode GEMV rows (SPEC §4's target)
+    # M outermost: a time box that cuts the run keeps the batch-1 GEMV rows (SPEC §4's target)
     for m in ((1, 17) if small else (1, 8, 32, 512)):
         kind = "gemv" if m <= GEMV_MAX_ROWS else "gemm"
-        for method in METHODS:
+        for method in rec.opts.quantization:
             for name, n, k, swiglu_input in _projections(small):
                 fused = swiglu_input and kind == "gemv"  # only the GEMV forms the SwiGLU in its loads
                 width = 2 * k if fused else k
@@ -107,14 +106,14 @@ def run_e2e(rec: Recorder) -> None:
     label = f"{preset} {opts.dtype_name}"
     rows = {(method, b): Row("e2e", "quant decode b1" if b == 1 else f"quant throughput b{b}", f"{label} {method}",
                              opts.dtype_name, {}, timer="engine")
-            for b in ((1, 2) if opts.small else (1, 8, 32)) for method in METHODS}
+            for b in ((1, 2) if opts.small else (1, 8, 32)) for method in opts.quantization}
     rows = {key: row for key, row in rows.items() if rec.selected(row.case, row.shape, headline=key[1] == 1)}
     batches = sorted({b for _, b in rows})
     if not batches:
         return
     sched = SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=2048, max_model_len=1024)
     greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
-    unquantized: dict[int, tuple[float, float, float]] = {}
+    unquantized: dict[int, tuple[tuple[float, float, float], str]] = {}  # batch -> (times, CUDA-graph state)
 
     def measure(engine, method):
         text = engine.config.text
@@ -124,44 +123,49 @@ def run_e2e(rec: Recorder) -> None:
             if method is not None and (method, b) not in rows:
                 continue
             times = _timed(engine, b, greedy, prompt)
-            status = engine.graph_state.status
             if method is None:
-                unquantized[b] = times if status in ("captured", "off") else None  # a fallback is no baseline
+                unquantized[b] = times, engine.graph_state.status
                 continue
             row = rows[(method, b)]
             # one step reads the weights once and each sequence's KV so far, for b tokens
             row.bytes = (weights + b * kv * (len(prompt) + new_tokens // 2)) // b
             row.ms["ours"], row.quantiles["ours"] = times[0], times[1:]
-            row.graphs["ours"] = status
+            row.graphs["ours"] = engine.graph_state.status
             row.metrics.update({"tokens/s": 1e3 / times[0], "weight GB per step": weights / 1e9})
             if torch.cuda.is_available():
                 row.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            _compare(row, unquantized.get(b, ()))
+            _compare(row, unquantized.get(b))
             rec.record(row)  # as it lands: a time box that cuts the run keeps it
 
-    for method in (None,) + METHODS:
-        mine = [row for (m, _), row in rows.items() if m == method or method is None]
+    for method in (None,) + opts.quantization:
+        mine = {key: row for key, row in rows.items() if method in (None, key[0])}
         if not mine:
             continue
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        failed = Row("e2e", "", "", opts.dtype_name, {})  # collects the engine's error for all its rows
-        with_engine(failed, "unquantized" if method is None else "ours", lambda method=method: Engine.from_preset(
+        impl = "unquantized" if method is None else "ours"
+        failed = Row("e2e", "", "", opts.dtype_name, {})  # the engine's error, for the rows it did not measure
+        with_engine(failed, impl, lambda method=method: Engine.from_preset(
             preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
             enable_prefix_caching=False, load_vision=False, load_audio=False, quantization=method),
             lambda engine, method=method: measure(engine, method))
-        for row in mine if failed.errors else ():
-            for impl, why in failed.errors.items():
-                row.errors.setdefault(impl, why)
-            if method is not None:
-                rec.record(row)
+        for (_, b), row in mine.items() if failed.errors else ():
+            measured = b in unquantized if method is None else "ours" in row.ms
+            if not measured:
+                row.errors.setdefault(impl, failed.errors[impl])
+                if method is not None:
+                    rec.record(row)
 
 
 def _compare(row: Row, base) -> None:
-    """The unquantized engine's time beside ours, and the speedup; an error when it has none to offer."""
+    """The unquantized engine's time beside ours and the speedup - not when its graphs fell back (an eager
+    baseline would flatter ours). No base: that engine failed, and its error is on the row already."""
     if base is None:
-        row.errors["unquantized"] = "its CUDA-graph capture fell back to eager decoding: not a graphed time"
-    elif base:
-        row.ms["unquantized"], row.quantiles["unquantized"] = base[0], base[1:]
-        row.metrics["unquantized tokens/s"] = 1e3 / base[0]
-        row.metrics["speedup vs unquantized"] = base[0] / row.ms["ours"] if row.ms["ours"] > 0 else NAN
+        return
+    (med, lo, hi), status = base
+    if status not in ("captured", "off"):  # "off": no CUDA, nothing to capture
+        row.errors["unquantized"] = f"its CUDA graphs are {status!r}: an eager baseline, not compared"
+        return
+    row.ms["unquantized"], row.quantiles["unquantized"] = med, (lo, hi)
+    row.metrics["unquantized tokens/s"] = 1e3 / med
+    row.metrics["speedup vs unquantized"] = med / row.ms["ours"] if row.ms["ours"] > 0 else NAN

@@ -37,12 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="suites to run, in this order (default: all = %s)" % " ".join(SUITES))
     p.add_argument("--part", choices=PARTS, default="all",
                    help="headline: only the rows a time-boxed GPU check needs first (e2e decode b1 at every "
-                        "context; decode attention at 4k and 32k; prefill attention at 4k); rest: all the "
-                        "others; all (default)")
+                        "context, and int8 / int4; decode attention at 4k and 32k; prefill attention at 4k); "
+                        "rest: all the others; all (default)")
     p.add_argument("--shapes", choices=("small", "real"), default="real" if cuda else "small",
                    help="real: AutoGLM-Phone-9B's shapes (needs a CUDA GPU); small: tiny shapes on any device "
                         "(default: %(default)s here)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on a CPU")
+    p.add_argument("--quantization", "-q", choices=("int8", "int4"), nargs="+", default=["int8", "int4"],
+                   help="the weight-only methods the quantized rows measure (kernels and e2e decode vs the "
+                        "unquantized engine; default: both)")
     p.add_argument("-k", "--filter", metavar="TEXT",
                    help="only kernel cases whose 'case shape' contains TEXT (e2e: only backends matching it)")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs" if cuda else "none",
@@ -107,7 +110,8 @@ def _options(args) -> Options:
     device = "cuda" if cuda else "cpu"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
     mode = None if args.compile_mode in ("none", "") else args.compile_mode
-    return Options(args.shapes, device, dtype, mode, args.filter, args.compile_reference, args.part)
+    return Options(args.shapes, device, dtype, mode, args.filter, args.compile_reference, args.part,
+                   quantization=tuple(args.quantization))
 
 
 def measure(args, opts: Options) -> dict:

@@ -125,7 +125,8 @@ def test_split_counts_agree_and_counters_reset(bits, group, K, M):
 @pytest.mark.parametrize("M, dtype", _rows_dtypes((1, 7), dot_rows=(7,)))
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32)], ids=["int8", "int4-g32"])
 def test_gemv_fused_swiglu_input(M, dtype, bits, group):
-    """x is the gate_up output [M, 2K]; the GEMV reads silu(gate) * up (both kernels' default splits)."""
+    """x is the gate_up output [M, 2K]; the GEMV reads silu(gate) * up (at its default split count), directly
+    and through quant_linear."""
     q, s, z = quantized(bits, 67, 96, group, dtype)
     torch.manual_seed(2)
     gate_up, b = randn(M, 2 * 96, dtype=dtype), randn(67, dtype=dtype)

@@ -112,15 +112,22 @@ def _engine_logprobs(engine) -> list[list[dict]]:
 @requires_kernels
 @pytest.mark.parametrize("preset", ["nano", "glm4v-tiny"])
 @pytest.mark.parametrize("config", [INT8, INT4], ids=["int8", "int4"])
-def test_fast_and_reference_backends_agree_quantized(preset, config):
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.gpu)],
+                         ids=["fp32", "fp16"])
+def test_fast_and_reference_backends_agree_quantized(preset, config, dtype):
+    """The Triton GEMV / GEMM (decode steps from the static-buffer path; captured graphs on a GPU) against the
+    dequantize-then-linear reference, on the same quantized weights."""
     sched = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=64)
-    kw = dict(quantization=config, scheduler=sched, load_vision=False, load_audio=False)
+    kw = dict(quantization=config, scheduler=sched, load_vision=False, load_audio=False, dtype=dtype)
     fast = _engine_logprobs(Engine.from_preset(preset, backend="fast", cuda_graphs=True, **kw))
     reference = _engine_logprobs(Engine.from_preset(preset, backend="reference", **kw))
-    assert_same_greedy(fast, reference, gap=1e-3)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # fp16: the logits' own rounding, 11 bits over ~8 nats
+    assert_same_greedy(fast, reference, gap=tol)
     for f, r in zip(fast, reference):
         for a, b in zip(f, r):
-            assert abs(a["logprob"] - b["logprob"]) < 1e-3
+            if a["token_id"] != b["token_id"]:
+                break  # a near tie parted the runs (assert_same_greedy allowed it): nothing after compares
+            assert abs(a["logprob"] - b["logprob"]) < tol
 
 
 @requires_kernels

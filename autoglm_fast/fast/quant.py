@@ -16,7 +16,7 @@ from .base import FastModule, fuse_bias, fuse_linears
 class FastQuantLinear(FastModule, QuantLinear):
     def forward(self, x: Tensor, swiglu: bool = False, out: Tensor | None = None) -> Tensor:
         """x @ dequantize()^T + bias (into `out` if given); swiglu: x is [..., 2K] (gate | up)."""
-        if not self.kernels_usable(x) or x.dtype != self.dtype:
+        if not self.kernels_usable(x):
             y = QuantLinear.forward(self, x, swiglu)
             return y if out is None else out.copy_(y)
         if self.packed_in != self.in_features:  # zero-padded int4 columns: x padded to match
@@ -50,5 +50,5 @@ def fuse_projections(*layers: nn.Module) -> tuple[Tensor | FastQuantLinear, Tens
         if any(isinstance(layer, QuantLinear) for layer in layers):
             raise TypeError("cannot fuse quantized and full-precision projections into one GEMM")
         return fuse_linears(*layers)
-    bias = fuse_bias(layers, layers[0].dtype, layers[0].qweight.device)
+    bias = fuse_bias(layers, next((l.bias.dtype for l in layers if l.bias is not None), None), layers[0].qweight.device)
     return FastQuantLinear.from_reference(fuse_quant_linears(*layers)), bias

@@ -73,14 +73,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
         return cls.from_quantized(*packed, bias=linear.bias, in_features=w.shape[1])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The activations' dtype (the bias's, else int4 scales'; int8 keeps fp32 scales)."""
-        return self.bias.dtype if self.bias is not None else self.scales.dtype
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The [out_features, in_features] weight this layer stands for."""
-        return dequantize(self.qweight, self.scales, self.zeros, dtype or self.dtype)[:, :self.in_features]
+        return dequantize(self.qweight, self.scales, self.zeros, dtype)[:, :self.in_features]
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.bias)
