@@ -161,7 +161,7 @@ def test_load_casts_to_dtype(tmp_path):
     model = meta_model()
     load(model, tmp_path, 32, dtype=torch.float32)
     layer = model.get_submodule(hf_name("model.layers.0.self_attn.q_proj"))
-    assert layer.scales.dtype == layer.bias.dtype == torch.float32 and layer.dtype == torch.float32
+    assert layer.scales.dtype == layer.bias.dtype == torch.float32
     assert torch.equal(layer.dequantize(torch.float32), expected[hf_name("model.layers.0.self_attn.q_proj")])
 
 
