@@ -17,7 +17,7 @@ engine unquantized (the "unquantized" column; vs unquantized = SPEC §4's speedu
 throughput rows ms per generated token of that many requests (e2e._ms_per_token, prefill included). The
 roofline: the weight bytes one decode step reads as stored (runtime.decode_weight_bytes) plus the KV cache
 it reads, per generated token. Headline rows (--part headline): decode b1. --shapes small: tiny
-projections at 1 and 17 rows, the nano preset at batch 1 and 2 (the interpreter takes seconds per token).
+projections at 1 and 17 rows, the nano preset at batch 1 (the interpreter takes seconds per token).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def run_e2e(rec: Recorder) -> None:
     label = f"{preset} {opts.dtype_name}"
     rows = {(method, b): Row("e2e", "quant decode b1" if b == 1 else f"quant throughput b{b}", f"{label} {method}",
                              opts.dtype_name, {}, timer="engine")
-            for b in ((1, 2) if opts.small else (1, 8, 32)) for method in opts.quantization}
+            for b in ((1,) if opts.small else (1, 8, 32)) for method in opts.quantization}
     rows = {key: row for key, row in rows.items() if rec.selected(row.case, row.shape, headline=key[1] == 1)}
     batches = sorted({b for _, b in rows})
     if not batches:

@@ -110,8 +110,8 @@ def _engine_logprobs(engine) -> list[list[dict]]:
 
 
 @requires_kernels
-@pytest.mark.parametrize("preset", ["nano", "glm4v-tiny"])
-@pytest.mark.parametrize("config", [INT8, INT4], ids=["int8", "int4"])
+@pytest.mark.parametrize("preset,config", [("nano", INT4), ("glm4v-tiny", INT8), ("glm4v-tiny", INT4)],
+                         ids=["nano-int4", "glm4v-tiny-int8", "glm4v-tiny-int4"])  # nano int4: padded widths
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.gpu)],
                          ids=["fp32", "fp16"])
 def test_fast_and_reference_backends_agree_quantized(preset, config, dtype):
@@ -131,7 +131,7 @@ def test_fast_and_reference_backends_agree_quantized(preset, config, dtype):
 
 
 @requires_kernels
-def test_awq_checkpoint_loads_without_flags(tmp_path):
+def test_awq_checkpoint_loads_without_flags(tmp_path, capsys):
     fp_dir, awq_dir = tmp_path / "fp", tmp_path / "awq"
     save_checkpoint(fp_dir, "{% for m in messages %}{{ m.content }}{% endfor %}")
     expected = write_awq_checkpoint(fp_dir, awq_dir, group_size=32)
@@ -151,6 +151,26 @@ def test_awq_checkpoint_loads_without_flags(tmp_path):
     assert_same_greedy(_engine_logprobs(engine), _engine_logprobs(reference), gap=1e-3)
     with pytest.raises(ValueError, match="already quantized"):
         Engine.from_pretrained(awq_dir, quantization="int8")
+    from autoglm_fast.cli import main  # info sees the packed layers from the checkpoint's headers alone
+    assert main(["info", "--model", str(awq_dir), "--dtype", "float32"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    assert memory["quantization"] == "awq int4"
+    assert memory["weight_bytes"]["total"] == sum(model.weight_bytes()[p] for p in ("language_model", "vision", "lm_head"))
+    assert main(["generate", "--model", str(awq_dir), "--quantization", "awq", "--prompt", "hi", "--max-tokens", "1",
+                 "--dtype", "float32"]) == 0  # vLLM's spelling, allowed for an AWQ checkpoint
+
+
+def test_cli_options(capsys):
+    import argparse
+
+    from autoglm_fast.server.cli import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--preset", "nano", "--quantization", "int4", "--quantize-vision"])
+    assert (args.quantization, args.quantize_vision) == ("int4", True)
+    from autoglm_fast.cli import main
+    assert main(["generate", "--preset", "nano", "--quantization", "awq", "--prompt", "hi"]) == 2
+    assert "needs --model DIR of an AWQ checkpoint" in capsys.readouterr().err
 
 
 def test_bad_options_are_clear_errors(tmp_path):
