@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .utils import compute_dtype
+from .utils import as_rows, check_shape, check_tensor, compute_dtype
 
 GROUP_SIZES = (32, 64, 128)
 GEMV_MAX_ROWS = 16
@@ -109,6 +109,32 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
 
 
 # ---- the linear --------------------------------------------------------------------------------------------
+def check_launch(x, qweight, scales, zeros, bias, out, swiglu: bool = False):
+    """The launchers' shared checks (TypeError / ValueError naming the argument) -> (bits, N, K, group_size,
+    x as [M, K] rows (2K with swiglu), out (allocated if None), out as [M, N] rows)."""
+    check_tensor("x", x)
+    bits, N, K, group = weight_format(qweight, scales, zeros)
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None:
+            check_tensor(name, t, dtypes=None, like=x)
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    width = 2 * K if swiglu else K
+    if x.dim() == 0 or x.shape[-1] != width:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be {width} "
+                         f"({'2 x ' if swiglu else ''}the weight's in_features K={K})")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, like=x)
+        check_shape("bias", bias, (N,))
+    shape = (*x.shape[:-1], N)
+    if out is None:
+        out = torch.empty(shape, device=x.device, dtype=x.dtype)
+    check_tensor("out", out, like=x)
+    check_shape("out", out, shape)
+    return bits, N, K, group, as_rows("x", x, width), out, as_rows("out", out, N)
+
+
+
 def reference_quant_linear(x, qweight, scales, zeros=None, bias=None, swiglu: bool = False):
     """Eager `quant_linear`, as a user would write it: dequantize to x's dtype, then F.linear (accumulated in
     fp32, fp64 for fp64 x) and cast back. swiglu: x is [..., 2K] (gate | up) and the GEMM reads

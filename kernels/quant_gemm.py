@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import weight_format
-from .utils import as_rows, check_tensor
+from .quant import check_launch
 
 GROUP_M = 8
 # (max rows, config); int4 BLOCK_K is capped at the group size by the launcher. Small-M buckets use narrow
@@ -93,28 +92,8 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                config: triton.Config | None = None) -> torch.Tensor:
     """x [..., K] @ dequantize(W)^T (+ bias) -> [..., N] in x's dtype (into `out` if given), any number of rows.
     config: force one (tests, benchmarks)."""
-    check_tensor("x", x)
-    bits, N, K, group = weight_format(qweight, scales, zeros)
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t is not None:
-            check_tensor(name, t, dtypes=None, like=x)
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in_features K={K}")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, like=x)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    x2 = as_rows("x", x, K)
+    bits, N, K, group, x2, out, y2 = check_launch(x, qweight, scales, zeros, bias, out)
     M = x2.shape[0]
-    shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(shape, device=x.device, dtype=x.dtype)
-    check_tensor("out", out, like=x)
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
-    y2 = as_rows("out", out, N)
     if M == 0 or N == 0:
         return out
     cfg = config or gemm_config(bits, M, group)

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import GEMV_MAX_ROWS, weight_format
-from .utils import as_rows, check_tensor, sm_count, split_counters
+from .quant import GEMV_MAX_ROWS, check_launch
+from .utils import sm_count, split_counters
 
 SPLIT_WAVES, MAX_SPLITS = 4, 32
 # (bits, M tile) -> config. int4 BLOCK_K is capped at the group size by the launcher.
@@ -152,32 +152,10 @@ def quant_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                config: triton.Config | None = None, splits: int | None = None) -> torch.Tensor:
     """x [..., K] (or [..., 2K] gate | up with swiglu) @ dequantize(W)^T (+ bias) -> [..., N], at most
     GEMV_MAX_ROWS rows. config / splits: force a config or a split count (tests, benchmarks)."""
-    check_tensor("x", x)
-    bits, N, K, group = weight_format(qweight, scales, zeros)
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t is not None:
-            check_tensor(name, t, dtypes=None, like=x)
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    width = 2 * K if swiglu else K
-    if x.dim() == 0 or x.shape[-1] != width:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be {width} "
-                         f"({'2 x ' if swiglu else ''}the weight's in_features K={K})")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, like=x)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    x2 = as_rows("x", x, width)
+    bits, N, K, group, x2, out, y2 = check_launch(x, qweight, scales, zeros, bias, out, swiglu)
     M = x2.shape[0]
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"quant_gemv is for decode-sized inputs: {M} rows > GEMV_MAX_ROWS = {GEMV_MAX_ROWS}")
-    shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(shape, device=x.device, dtype=x.dtype)
-    check_tensor("out", out, like=x)
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
-    y2 = as_rows("out", out, N)
     if M == 0 or N == 0:
         return out
     cfg = config or gemv_config(bits, M, group)

@@ -6,12 +6,12 @@
                        sandwich norm of x before the add, in the same pass)
     FastGlmMLP         gate_up GEMM -> down GEMM with SwiGLU fused into its input (decode sizes), or
                        gate_up GEMM -> SwiGLU (one pass) -> down GEMM
-Every projection may be a QuantLinear (weight-only int8 / int4): `linear` runs its Triton GEMV / GEMM
-instead of cuBLAS, and the quantized down projection takes the SwiGLU into its GEMV the same way.
     FastGlmDecoderLayer  the layer wiring; on the paged cache the residual stream is threaded between layers
     FastGlmModel       the decoder on the paged cache: each layer's MLP output is added to the residual by
                        the next layer's input norm (the last one's by the final norm), and no cos/sin tables
                        are built (the RoPE kernel computes its angles). 8 launches per decode layer.
+Every projection may be a QuantLinear (weight-only int8 / int4): `linear` runs its Triton GEMV / GEMM
+instead of cuBLAS, and the quantized down projection takes the SwiGLU into its GEMV the same way.
 
 The attention kernels work on the paged KV cache (autoglm_fast/paged_cache.py). Without one (a
 plain full forward, or the reference's contiguous KVCache) FastGlmAttention runs the reference math.
