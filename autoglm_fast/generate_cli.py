@@ -36,10 +36,9 @@ def quantization_options(args: argparse.Namespace) -> dict:
     be AWQ: the engine reads that from its config.json)."""
     method = getattr(args, "quantization", None)
     if method == "awq":
-        from .quant.awq import awq_settings
-        from .quant.memory import _config_json
+        from .quant.awq import checkpoint_awq_settings
         model = getattr(args, "model", None)
-        if getattr(args, "preset", None) or not model or awq_settings(_config_json(model)) is None:
+        if getattr(args, "preset", None) or not model or checkpoint_awq_settings(model) is None:
             raise ValueError("--quantization awq needs --model DIR of an AWQ checkpoint (quantization_config in its "
                              "config.json); quantize any other checkpoint with --quantization int8 or int4")
         method = None

@@ -18,6 +18,7 @@ from .fusion import FastGatedFusion
 from .glm import FastGlmAttention, FastGlmDecoderLayer, FastGlmMLP, FastGlmModel, FastRMSNorm
 from .quant import FastQuantLinear
 from ..quant.linear import QuantLinear
+from ..quant.quantize import replace_module
 
 # reference class -> fast class (exact types: a subclass may change the math). The shared layers are
 # here; a family's own (e.g. GLM-4.1V's vision blocks) come from its `fast_modules` entry, read lazily.
@@ -64,8 +65,7 @@ def apply_fast_kernels(model: nn.Module) -> FastKernelReport:
             continue
         fast = fast_cls.from_reference(module)
         if name:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, fast)
+            replace_module(model, name, fast)
         else:  # the model itself is a supported layer: swap its class in place
             module.__class__ = fast_cls
         report.swapped[name or type(module).__name__] = f"{type(module).__name__} -> {fast_cls.__name__}"

@@ -13,6 +13,7 @@ scales and zeros): the same tensors, so it is lossless, and the model runs on ou
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from ..kernels.quant import GROUP_SIZES, pack_int4
 from ..weights import CheckpointError
 from .linear import QuantLinear
+from .quantize import replace_module
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = tuple(AWQ_ORDER.index(j) for j in range(8))  # nibble that holds column 8c + j
@@ -52,6 +54,12 @@ def awq_settings(config: dict) -> dict | None:
     if group not in GROUP_SIZES:
         raise ValueError(f"quantization_config.group_size={group!r} is not supported (one of {GROUP_SIZES})")
     return {"group_size": group, "modules_to_not_convert": list(qc.get("modules_to_not_convert") or [])}
+
+
+def checkpoint_awq_settings(directory: str | Path) -> dict | None:
+    """awq_settings of a checkpoint directory's config.json (None without one, or without quantization_config)."""
+    path = Path(directory) / "config.json"
+    return awq_settings(json.loads(path.read_text())) if path.is_file() else None
 
 
 def _unpack_columns(packed: Tensor) -> Tensor:
@@ -131,7 +139,6 @@ def load_awq_linears(model: nn.Module, linears: dict[str, dict[str, tuple[str, P
     result), one module at a time so that at most one module's checkpoint tensors are held; the Linear's
     bias (loaded already, or still on meta) is kept."""
     for module_name, entries in linears.items():
-        parent_name, _, leaf = module_name.rpartition(".")
         try:
             linear = model.get_submodule(module_name)
         except AttributeError:
@@ -141,7 +148,7 @@ def load_awq_linears(model: nn.Module, linears: dict[str, dict[str, tuple[str, P
                                   f"(found {type(linear).__name__})")
         layer = _awq_linear(linear, entries, group_size, dtype, torch.device(device or "cpu"),
                             f"{source}: {module_name}")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+        replace_module(model, module_name, layer)
 
 
 def _awq_linear(linear: nn.Linear, entries: dict[str, tuple[str, Path]], group_size: int,

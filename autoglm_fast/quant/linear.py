@@ -77,10 +77,6 @@ class QuantLinear(nn.Module):
         """The [out_features, in_features] weight this layer stands for."""
         return dequantize(self.qweight, self.scales, self.zeros, dtype)[:, :self.in_features]
 
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros, self.bias)
-                   if t is not None)
-
     def forward(self, x: Tensor, swiglu: bool = False) -> Tensor:
         """y = x @ dequantize()^T + bias; swiglu: x is [..., 2K] (gate | up) and the layer reads silu(gate) * up."""
         if swiglu:

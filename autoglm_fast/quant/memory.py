@@ -42,10 +42,10 @@ def memory_report(model: nn.Module, dtype: torch.dtype, checkpoint=None, quantiz
     bytes per part as they would be stored (quantized by the options, or an AWQ checkpoint's packed layers),
     the KV cache's bytes per token, and how many tokens of it fit on common cards - an estimate: 90 % of
     the card (vLLM's default gpu_memory_utilization) less the weights and 1 GiB of activations and context."""
-    from .awq import awq_settings, split_awq
-    from .quantize import quantized_layout, resolve, replace_module
+    from .awq import checkpoint_awq_settings, split_awq
+    from .quantize import meta_layout, quantized_layout, resolve
     config = resolve(quantization, quantize_vision)
-    awq = awq_settings(_config_json(checkpoint)) if checkpoint else None
+    awq = checkpoint_awq_settings(checkpoint) if checkpoint else None
     if awq is not None and config is not None:
         raise ValueError(f"{checkpoint} is already quantized (AWQ, 4-bit): drop --quantization")
     if config is not None:
@@ -54,11 +54,8 @@ def memory_report(model: nn.Module, dtype: torch.dtype, checkpoint=None, quantiz
         from ..families import family_for_checkpoint
         from ..weights import checkpoint_files
         rename = family_for_checkpoint(checkpoint).model_cls.checkpoint_name
-        for name in split_awq(checkpoint_files(checkpoint), rename)[1]:
-            linear = model.get_submodule(name)
-            with torch.device("meta"):
-                replace_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                        bits=4, group_size=awq["group_size"], dtype=dtype))
+        linears = split_awq(checkpoint_files(checkpoint), rename)[1]
+        meta_layout(model, dict.fromkeys(linears, 4), awq["group_size"])
     parts = model.weight_bytes()
     text = model.config.text
     kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * dtype.itemsize
@@ -69,9 +66,3 @@ def memory_report(model: nn.Module, dtype: torch.dtype, checkpoint=None, quantiz
             "kv_tokens_per_card": {k: max(0, v) for k, v in free.items()},
             "kv_tokens_assume": "90 % of the card, less the weights and 1 GiB for activations and the CUDA context"}
 
-
-def _config_json(directory) -> dict:
-    import json
-    from pathlib import Path
-    path = Path(directory) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -114,13 +114,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | str) -> nn.Module:
 def quantized_layout(model: nn.Module, config: QuantConfig | str) -> nn.Module:
     """Replace every target by an empty QuantLinear on the meta device: a quantized model's shapes and bytes
     without data (`autoglm-fast info`)."""
-    quantizer = StreamingQuantizer(model, resolve(config))
-    for name, bits in quantizer.targets.items():
+    config = resolve(config)
+    return meta_layout(model, StreamingQuantizer(model, config).targets, config.group_size)
+
+
+def meta_layout(model: nn.Module, targets: dict[str, int], group_size: int) -> nn.Module:
+    """Replace the named Linears by empty QuantLinears of `targets[name]` bits on the meta device."""
+    for name, bits in targets.items():
         linear = model.get_submodule(name)
         with torch.device("meta"):
             replace_module(model, name, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                    bits=bits, group_size=quantizer.config.group_size,
-                                                    dtype=linear.weight.dtype))
+                                                    bits=bits, group_size=group_size, dtype=linear.weight.dtype))
     return model
 
 

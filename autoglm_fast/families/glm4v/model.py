@@ -9,7 +9,6 @@ so the fast GLM layers and the paged cache serve both families. Parameter names 
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -55,7 +54,7 @@ class Glm4vForConditionalGeneration(nn.Module):
                         quantization=None) -> "Glm4vForConditionalGeneration":
         """A transformers checkpoint directory (config.json, generation_config.json, safetensors), AWQ 4-bit
         ones included (their quantization_config says so); quantization: a quant.QuantConfig (RTN at load)."""
-        from ...quant.awq import awq_settings
+        from ...quant.awq import checkpoint_awq_settings
         from ...weights import load_checkpoint
         directory = Path(directory)
         config = Glm4vConfig.load(directory)
@@ -65,7 +64,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         if model.config.tie_word_embeddings:
             expected.discard("lm_head.weight")
         load_checkpoint(model, directory, hf_name, expected, dtype, device, quantization,
-                        awq_settings(json.loads((directory / "config.json").read_text())))
+                        checkpoint_awq_settings(directory))
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         return model.eval()
