@@ -116,14 +116,17 @@ def _header(file: Path) -> dict[str, tuple[int, ...]]:
 # ---- loading into a model --------------------------------------------------------------------------
 def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set[str],
                  dtype: torch.dtype | None, device: torch.device | str | None, source: str,
-                 quantizer=None) -> None:
+                 quantizer=None, shards: dict | None = None) -> None:
     """Check, then load, checkpoint tensors into `model`.
 
     rename(ckpt_name) -> model name, or None to skip a tensor the model has no use for.
     expected: the model names that must all be provided.
     quantizer: a quant.StreamingQuantizer, told after each tensor which module it completed (it replaces
     a target Linear by its quantized twin at once, so full-precision weights never pile up).
+    shards: model name -> parallel.sharding.Shard for a tensor-parallel rank: only that part of the tensor
+    is read from the file.
     """
+    shards = shards or {}
     targets = model.state_dict(keep_vars=True)
     plan: dict[Path, list[tuple[str, str]]] = {}
     seen: dict[str, str] = {}
@@ -142,7 +145,7 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
     unexpected = sorted(c for pairs in plan.values() for c, n in pairs if n not in expected)
     wrong = sorted(f"{n}: checkpoint {headers[f][c]} vs model {tuple(targets[n].shape)}"
                    for f, pairs in plan.items() for c, n in pairs
-                   if n in expected and headers[f][c] != tuple(targets[n].shape))
+                   if n in expected and _local(headers[f][c], shards.get(n)) != tuple(targets[n].shape))
     problems = [f"{label} ({len(items)}):\n    " + "\n    ".join(items)
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                                      ("given twice", sorted(duplicate)))
@@ -152,9 +155,25 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
     for file, pairs in _progress(plan.items(), len(plan), source):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name, name in pairs:
-                _assign(model, name, f.get_tensor(ckpt_name), dtype, device)
+                shard = shards.get(name)
+                value = f.get_tensor(ckpt_name) if shard is None else shard.take(f.get_slice(ckpt_name))
+                _assign(model, name, value, dtype, device)
                 if quantizer is not None:
                     quantizer.ready(model, name.rpartition(".")[0])
+
+
+def _local(shape: tuple[int, ...], shard) -> tuple[int, ...]:
+    return shape if shard is None else shard.local_shape(shape)
+
+
+def meta_model(cls, config, tensor_parallel=None) -> tuple[nn.Module, dict]:
+    """`cls(config)` on the meta device, and the Shard of each split tensor: one tensor-parallel rank's
+    model (parallel/sharding.py) when tensor_parallel is given, else the whole model and no shards."""
+    if tensor_parallel is not None:
+        from .parallel.sharding import build_sharded
+        return build_sharded(cls, config, tensor_parallel)
+    with torch.device("meta"):
+        return cls(config), {}
 
 
 def _progress(items, total: int, source: str):
@@ -181,33 +200,37 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor, dtype, device) -> 
 
 
 def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", quantization=None):
+                    device: torch.device | str = "cpu", quantization=None, tensor_parallel=None):
     from .config import AutoGLMPhoneConfig
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; save with model.save_pretrained(dir)")
-    config = AutoGLMPhoneConfig.load(directory / CONFIG_NAME)
-    with torch.device("meta"):
-        model = cls(config)
-    load_checkpoint(model, directory, lambda n: n, set(model.state_dict()), dtype, device, quantization)
+    model, shards = meta_model(cls, AutoGLMPhoneConfig.load(directory / CONFIG_NAME), tensor_parallel)
+    load_checkpoint(model, directory, lambda n: n, set(model.state_dict()), dtype, device, quantization,
+                    shards=shards)
     return model.eval()
 
 
 def load_checkpoint(model: nn.Module, directory: str | Path, rename, expected: set[str], dtype, device,
-                    quantization=None, awq: dict | None = None) -> None:
+                    quantization=None, awq: dict | None = None, shards: dict | None = None) -> None:
     """A checkpoint directory into `model` (built on the meta device), as published or quantized at load.
     quantization: a quant.QuantConfig (round to nearest, layer by layer). awq: `quant.awq.awq_settings` of an
-    AWQ checkpoint's config: its packed layers load as QuantLinears, everything else as usual."""
+    AWQ checkpoint's config: its packed layers load as QuantLinears, everything else as usual. shards: a
+    tensor-parallel rank's (`meta_model`): each split tensor is read in part."""
     files, source = checkpoint_files(directory), str(directory)
     if awq is not None:
         if quantization is not None:
             raise ValueError(f"{directory} is already quantized (AWQ, 4-bit): load it without quantization=")
+        if shards:
+            raise ValueError(f"{directory} is AWQ 4-bit: AWQ checkpoints do not load tensor-parallel yet "
+                             "(load the full-precision checkpoint with quantization='int4' instead)")
         from .quant.awq import load_awq_linears, split_awq
         files, linears = split_awq(files, rename)
         load_tensors(model, files, rename, expected - {f"{name}.weight" for name in linears}, dtype, device, source)
         load_awq_linears(model, linears, awq["group_size"], dtype, device, source)
     else:
-        load_tensors(model, files, rename, expected, dtype, device, source, streaming_quantizer(model, quantization))
+        load_tensors(model, files, rename, expected, dtype, device, source, streaming_quantizer(model, quantization),
+                     shards)
     _check_materialized(model)
 
 
@@ -276,21 +299,23 @@ def load_hf_weights(model: nn.Module, path: str | Path, part: str | None = None,
 
 # ---- random initialisation -------------------------------------------------------------------------
 def random_model(cls, config, seed: int, dtype: torch.dtype, device: torch.device | str,
-                 quantization=None) -> nn.Module:
+                 quantization=None, tensor_parallel=None) -> nn.Module:
     """`cls(config)` built on the meta device, then every parameter allocated once in `dtype` on `device`
     and seeded-random initialised (no fp32 detour): any family's `from_config`. quantization: a QuantConfig;
-    each target Linear is quantized as soon as it is initialised."""
-    with torch.device("meta"):
-        model = cls(config)
+    each target Linear is quantized as soon as it is initialised. tensor_parallel: build one rank's part
+    (the same weights as the whole model's)."""
+    model, shards = meta_model(cls, config, tensor_parallel)
     return materialize(model, dtype=dtype, device=device, seed=seed,
-                       quantizer=streaming_quantizer(model, quantization)).eval()
+                       quantizer=streaming_quantizer(model, quantization), shards=shards).eval()
 
 
 def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                std: float = 0.02, quantizer=None) -> nn.Module:
+                std: float = 0.02, quantizer=None, shards: dict | None = None) -> nn.Module:
     """Give every parameter still on the meta device storage on `device`, seeded-random initialised
     like HF (normal(0, std) weights, zero biases, unit norm scales). Loaded parameters are untouched.
-    quantizer: told each module that is done (see load_tensors)."""
+    quantizer: told each module that is done (see load_tensors). shards: a tensor-parallel rank's; a split
+    tensor is drawn whole and its part kept, so the rank's weights are exactly those of the whole model."""
+    shards = shards or {}
     from .reference.glm import RMSNorm
     from .reference.whisper import WhisperEncoder, sinusoids
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -299,7 +324,8 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
         for leaf, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
-            t = torch.empty(p.shape, dtype=dtype, device=device)
+            shard = shards.get(f"{name}.{leaf}" if name else leaf)
+            t = torch.empty(p.shape if shard is None else shard.full_shape(p.shape), dtype=dtype, device=device)
             if leaf.endswith("bias"):
                 t.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -308,6 +334,8 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
                 t.copy_(sinusoids(*t.shape))
             else:
                 t.normal_(0.0, std, generator=gen)
+            if shard is not None:
+                t = shard.take(t)
             module._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
         if quantizer is not None:
             quantizer.ready(model, name)

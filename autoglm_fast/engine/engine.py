@@ -14,6 +14,7 @@ included (cuda_graphs.py), and prefill / mixed steps run as piecewise graphs (pi
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ class Engine:
                  backend: str | None = None, num_blocks: int | None = None, block_size: int = 32,
                  scheduler: SchedulerConfig | None = None, cuda_graphs: bool | None = None,
                  enable_prefix_caching: bool | None = None, checkpoint: str | Path | None = None,
-                 **family_options):
+                 tensor_parallel_size: int = 1, **family_options):
         """model: any family's model (families/__init__.py); its runtime is the engine's view of it.
         cuda_graphs: replay decode steps from captured graphs (fast backend; default: on CUDA).
         True on a CPU runs the same static-buffer path eagerly (what the graphs would replay).
@@ -48,7 +49,16 @@ class Engine:
         included; see prefix_cache.py). Default on for the fast backend; the reference backend keeps
         a private cache per request and cannot share.
         checkpoint, family_options: passed to the family's runtime (its processor files, e.g.
-        mm_processor_kwargs for GLM-4.1V)."""
+        mm_processor_kwargs for GLM-4.1V).
+        tensor_parallel_size: only 1 here (this engine serves the model it is given); for N ranks use
+        from_preset / from_pretrained(..., tensor_parallel_size=N), where each rank builds its own shard."""
+        if tensor_parallel_size != 1:
+            raise ValueError("Engine(model) serves the model it is given on one device; for tensor_parallel_size="
+                             f"{tensor_parallel_size} use Engine.from_preset or Engine.from_pretrained, where each "
+                             "rank builds and loads only its own shard")
+        # A tensor-parallel rank's model (parallel/): rank 0 runs this engine and its scheduler and sends each
+        # step's plan to the workers (self.driver, set by parallel/launch.py); a worker follows (`follow`).
+        self.parallel, self.driver = getattr(model, "tensor_parallel", None), None
         self.runtime = family_for_model(model).runtime_cls(model, checkpoint, **family_options)
         param = self.runtime.embed_tokens.weight  # never quantized: the activations' dtype
         self.device, self.dtype = param.device, param.dtype
@@ -89,7 +99,10 @@ class Engine:
         else:
             self.runner = ReferenceRunner(self.runtime, self.cache, self.sched_config.max_model_len)
         self.scheduler = Scheduler(self.sched_config, self.cache)
-        self._encoder_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Encoders overlap decoding on their own stream; tensor-parallel ranks encode in step order instead
+        # (their embedding lookup is a collective), when a request is first scheduled.
+        overlap = self.device.type == "cuda" and self.parallel is None
+        self._encoder_stream = torch.cuda.Stream(self.device) if overlap else None
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -97,15 +110,23 @@ class Engine:
     @classmethod
     def from_preset(cls, name: str, *, seed: int = 0, dtype: torch.dtype | None = None,
                     device: str | None = None, load_vision: bool = True, load_audio: bool = True,
-                    quantization: str | None = None, quantize_vision: bool = False, **kwargs) -> "Engine":
+                    quantization: str | None = None, quantize_vision: bool = False, tensor_parallel_size: int = 1,
+                    _tensor_parallel=None, **kwargs) -> "Engine":
         """A preset with seeded random weights (benchmarks, tests, demos). quantization: "int8" / "int4"
         weight-only, round to nearest, each layer as it is made (quant/quantize.py: the decoder's linears,
-        lm_head in int8; the towers too with quantize_vision)."""
+        lm_head in int8; the towers too with quantize_vision). tensor_parallel_size: N ranks (parallel/;
+        this process is rank 0 and spawns the others), the same weights as one."""
+        if tensor_parallel_size != 1:
+            from ..parallel.launch import launch
+            return launch(functools.partial(cls.from_preset, name, seed=seed, dtype=dtype, load_vision=load_vision,
+                                            load_audio=load_audio, quantization=quantization,
+                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         family = family_for_preset(name)
         model = family.model_cls.from_config(family.preset(name), seed=seed, dtype=dtype, device=device,
-                                             quantization=resolve_quantization(quantization, quantize_vision))
+                                             quantization=resolve_quantization(quantization, quantize_vision),
+                                             tensor_parallel=_tensor_parallel)
         engine = cls(model, **kwargs)
         engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
         return engine
@@ -114,17 +135,26 @@ class Engine:
     def from_pretrained(cls, directory, *, dtype: torch.dtype | None = None, device: str | None = None,
                         load_vision: bool = True, load_audio: bool = True,
                         tokenizer: Tokenizer | str | None = None, quantization: str | None = None,
-                        quantize_vision: bool = False, **kwargs) -> "Engine":
+                        quantize_vision: bool = False, tensor_parallel_size: int = 1, _tensor_parallel=None,
+                        **kwargs) -> "Engine":
         """tokenizer: default the checkpoint's own (tokenizer.json, or the byte-tokenizer marker
         `save_pretrained` writes; neither is a TokenizerNotFoundError), "bytes", a path or a Tokenizer.
         quantization: "int8" / "int4" weight-only, quantized shard by shard as the weights load (see
-        from_preset). An AWQ checkpoint (quantization_config in its config.json) loads quantized as it is."""
+        from_preset). An AWQ checkpoint (quantization_config in its config.json) loads quantized as it is.
+        tensor_parallel_size: N ranks, each reading only its shards of the safetensors files (see from_preset)."""
         quant = resolve_quantization(quantization, quantize_vision)  # before the weights: fail fast
         if not isinstance(tokenizer, Tokenizer) and Path(directory).is_dir():
             tokenizer = find_tokenizer(directory, tokenizer)  # before the weights: fail fast
+        if tensor_parallel_size != 1:
+            from ..parallel.launch import launch
+            family_for_checkpoint(directory)  # fail fast, before any process starts
+            return launch(functools.partial(cls.from_pretrained, directory, dtype=dtype, load_vision=load_vision,
+                                            load_audio=load_audio, tokenizer=tokenizer, quantization=quantization,
+                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device,
-                                                                           quantization=quant)
+                                                                           quantization=quant,
+                                                                           tensor_parallel=_tensor_parallel)
         engine = cls(model, load_tokenizer(directory, model.config, tokenizer), checkpoint=directory, **kwargs)
         engine.runtime.drop_encoders(**_wanted(load_vision, load_audio))
         return engine
@@ -158,6 +188,13 @@ class Engine:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limit}")
         if self.cache.blocks_needed(None, len(ids) + 1) > self.cache.capacity:
             raise ValueError(f"the prompt ({len(ids)} tokens) does not fit in the KV cache")
+        self._enqueue(request_id, ids, media, params)
+        return request_id
+
+    def _enqueue(self, request_id: str, ids: list[int], media: dict, params: SamplingParams) -> None:
+        """Queue a checked, prepared request (a tensor-parallel worker gets these from rank 0)."""
+        if self.driver is not None:
+            self.driver.commands.append(("add", request_id, ids, media, params))
         req = Request(request_id, ids, params, media=media)
         if self.cache.prefix_caching:
             req.media_keys = self.runtime.cache_keys(ids, media)
@@ -167,16 +204,27 @@ class Engine:
         req.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.requests[request_id] = req
         self.scheduler.add(req)
-        return request_id
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is not None and req.status is not Status.FINISHED:
+            if self.driver is not None:
+                self.driver.commands.append(("abort", request_id))
             req.finish("abort")
             self._release(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    @property
+    def is_worker(self) -> bool:
+        """A tensor-parallel rank other than 0: it follows rank 0's steps and samples nothing of its own."""
+        return self.parallel is not None and self.parallel.rank > 0
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one device); the engine cannot step after."""
+        if self.driver is not None:
+            self.driver.close()
 
     @property
     def graph_state(self):
@@ -192,13 +240,42 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return an output for every request that moved (or finished)."""
-        self._encode_waiting()
-        plan = self.scheduler.schedule()
+        if self.driver is None:
+            self._encode_waiting()
+            return self._execute(self.scheduler.schedule())
+        with self.driver.stepping():  # tensor parallel: every worker runs the same plan
+            plan = self.scheduler.schedule()
+            self.driver.send(plan)
+            return self._execute(plan)
+
+    @torch.inference_mode()
+    def follow(self, message) -> None:
+        """A tensor-parallel worker's step: rank 0's message (parallel/worker.py) applied in rank 0's order -
+        the tokens it sampled last step, the requests added and aborted since, then its plan - so this rank's
+        requests, KV cache and persistent batch stay those of rank 0."""
+        rows, tokens = [], []
+        for request_id, token in message.sampled:
+            req = self.requests[request_id]
+            self._append(req, token, None, [])
+            if req.status is Status.FINISHED:
+                self._finalize(req)
+            elif request_id in self.batch.row_of:  # what the next decode step embeds
+                rows.append(self.batch.row_of[request_id])
+                tokens.append(token)
+        if rows:
+            self.batch.sampling.last_token[torch.tensor(rows, device=self.device)] = torch.tensor(tokens, device=self.device)
+        for command, request_id, *args in message.commands:
+            self._enqueue(request_id, *args) if command == "add" else self.abort(request_id)
+        self._execute(self.scheduler.follow(message.preempted, message.scheduled, self.requests))
+
+    def _execute(self, plan) -> list[RequestOutput]:
         for req in plan.preempted:
             self.runner.release(req)
             self.batch.remove(req)
         decodes, chunks = [], []  # decode rows first: attention splits a mixed step there
         for req, n in zip(plan.requests, plan.num_tokens):
+            if req.prompt_embeds is None and not self._admit(req, overlap=False):  # not encoded ahead
+                continue
             self.batch.add(req)
             (decodes if n == 1 else chunks).append((req, n))
         outputs = [self._finalize(r) for r in list(self.requests.values()) if r.status is Status.FINISHED]
@@ -216,12 +293,17 @@ class Engine:
                 self.batch.sync_block_tables(requests)
             done = [i for i, (r, n) in enumerate(zip(requests, counts)) if r.remaining == n]  # the prompt is all in
             sampled = [requests[i] for i in done]
-            rows = self._sample(logits[done], sampled) if done else []
+            rows = self._sample(logits[done], sampled) if done and not self.is_worker else []
         for req, n in zip(requests, counts):
             req.num_computed += n
             self.cache.commit(req.request_id, req.block_hashes)
+        if self.is_worker:
+            return []  # rank 0's tokens arrive with the next step's message
         for req, row in zip(sampled, rows):
-            self._append(req, *unpack(row, req.params))
+            token, logprob, top = unpack(row, req.params)
+            self._append(req, token, logprob, top)
+            if self.driver is not None:
+                self.driver.sampled.append((req.request_id, token))
             outputs.append(self._finalize(req) if req.status is Status.FINISHED else req.take_output())
         return outputs
 
@@ -241,18 +323,27 @@ class Engine:
         """Run the encoders of the requests next in line, once each, on the encoder stream (CUDA), so the
         step's decodes never queue behind them; the scheduler takes a request once its encoding is done
         (Request.ready). A failure ends that request alone."""
+        if self.parallel is not None:
+            return  # tensor parallel: each request is encoded when first scheduled, on every rank alike
         for req in list(self.scheduler.waiting)[:self.sched_config.max_num_seqs]:
-            if req.prompt_embeds is not None:
-                continue
-            try:
-                with torch.cuda.stream(self._encoder_stream) if self._encoder_stream else contextlib.nullcontext():
-                    self.runtime.admit(req)
-                if self._encoder_stream is not None:
-                    req.encoded = self._encoder_stream.record_event()
-                    _used_on(torch.cuda.current_stream(self.device), req.prompt_embeds, req.state)
-            except (ValueError, TypeError, RuntimeError) as e:
-                req.finish("error", f"{type(e).__name__}: {e}")
-                self._release(req)
+            if req.prompt_embeds is None:
+                self._admit(req)
+
+    def _admit(self, req: Request, overlap: bool = True) -> bool:
+        """Run a request's encoders (overlap: on the encoder stream where there is one); False if they failed,
+        which ends that request alone."""
+        stream = self._encoder_stream if overlap else None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.runtime.admit(req)
+            if stream is not None:
+                req.encoded = self._encoder_stream.record_event()
+                _used_on(torch.cuda.current_stream(self.device), req.prompt_embeds, req.state)
+            return True
+        except (ValueError, TypeError, RuntimeError) as e:
+            req.finish("error", f"{type(e).__name__}: {e}")
+            self._release(req)
+            return False
 
     def _append(self, req: Request, token: int, logprob: float | None, top: list) -> None:
         p = req.params

@@ -64,8 +64,9 @@ class Request:
 
     @property
     def ready(self) -> bool:
-        """Encoded (the prompt embeddings exist and their stream's work is done): it may be scheduled."""
-        return self.prompt_embeds is not None and (self.encoded is None or self.encoded.query())
+        """No encoder work in flight for it (on the encoders' stream): it may be scheduled. One not yet
+        encoded is encoded when its first step runs."""
+        return self.encoded is None or self.encoded.query()
 
     @property
     def all_ids(self) -> list[int]:

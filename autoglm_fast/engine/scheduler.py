@@ -69,10 +69,38 @@ class Scheduler:
         plan = self._schedule()
         while not plan and len(self.running) > 1:  # running prefills hold each other's room: free the youngest
             preempted = plan.preempted
-            self._preempt(self.running[-1], plan)
+            self._preempt(self.running[-1], plan)  # (listed in `preempted`)
             plan = self._schedule()
-            plan.preempted[:0] = preempted + [self.waiting[0]]
+            plan.preempted[:0] = preempted
         return plan
+
+    def follow(self, preempted: list[str], scheduled: list[tuple[str, int, int]], requests: dict) -> StepPlan:
+        """A tensor-parallel worker's plan: rank 0's, with the state changes `schedule` made there -
+        its preemptions in order, then its admissions - so this rank's cache holds the same blocks.
+        scheduled: (request id, tokens this step, num_computed after scheduling), which is checked."""
+        plan = StepPlan()
+        for request_id in preempted:
+            self._preempt(requests[request_id], plan)
+        for request_id, n, computed in scheduled:
+            req = requests[request_id]
+            if req.status is Status.WAITING:
+                self._start(req, self.cache.find_cached(req.block_hashes, req.total_len))
+            if req.num_computed != computed:
+                raise RuntimeError(f"tensor-parallel worker out of step with rank 0: request {request_id} has "
+                                   f"{req.num_computed} tokens cached here, {computed} there")
+            plan.requests.append(req)
+            plan.num_tokens.append(n)
+        return plan
+
+    def _start(self, req: Request, cached: list[int]) -> None:
+        """A waiting request starts running, on what the prefix cache holds of it (`cached` blocks)."""
+        self.cache.share(req.request_id, cached, req.total_len)
+        req.num_computed = self.cache.seq_len(req.request_id)
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = req.num_computed
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.status = Status.RUNNING
 
     def _schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.config.max_num_batched_tokens
@@ -112,14 +140,7 @@ class Scheduler:
             if need > self.cache.num_free_blocks - reserved:
                 break  # first come, first served: nobody overtakes a request waiting for room
             if fresh:
-                self.cache.share(req.request_id, cached, req.total_len)
-                req.num_computed = self.cache.seq_len(req.request_id)
-                if req.num_cached_tokens is None:
-                    req.num_cached_tokens = req.num_computed
-            if req.status is Status.WAITING:
-                self.waiting.remove(req)
-                self.running.append(req)
-                req.status = Status.RUNNING
+                self._start(req, cached)
             reserved += self.cache.blocks_needed(req.request_id, n)
             plan.requests.append(req)
             plan.num_tokens.append(n)

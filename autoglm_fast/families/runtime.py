@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from ..parallel.sharding import GatherLogits
 from ..prefix_cache import MediaKeys, media_digest
 
 
@@ -48,8 +49,11 @@ class FamilyRuntime(ABC):
         """The GLM decoder: backbone(embeds [1, N, H], positions [1, N], caches, rope_positions=)."""
 
     @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
+    def lm_head(self):
+        """The output projection as the engine calls it: hidden [N, H] -> logits [N, vocab], all-gathered from
+        the ranks' vocabulary shares on a tensor-parallel rank (parallel/sharding.py)."""
+        tp = getattr(self.model, "tensor_parallel", None)
+        return self.model.lm_head if tp is None else GatherLogits(self.model, tp, self.text.vocab_size)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -70,13 +74,13 @@ class FamilyRuntime(ABC):
         """Parameters one decode step reads: the decoder and lm_head, one row of the embedding table aside
         (a quantized layer counts the weights it stands for)."""
         from ..quant.memory import parameter_count
-        return parameter_count(self.backbone) - self.embed_tokens.weight.numel() + parameter_count(self.lm_head)
+        return parameter_count(self.backbone) - self.embed_tokens.weight.numel() + parameter_count(self.model.lm_head)
 
     def decode_weight_bytes(self) -> int:
         """Bytes one decode step reads of the weights, as stored (quantized layers packed): the roofline's."""
         from ..quant.memory import weight_bytes
         embed = self.embed_tokens.weight
-        return weight_bytes(self.backbone) - embed.numel() * embed.element_size() + weight_bytes(self.lm_head)
+        return weight_bytes(self.backbone) - embed.numel() * embed.element_size() + weight_bytes(self.model.lm_head)
 
     def drop_encoders(self, **keep: bool) -> None:
         """Free encoders a deployment does not want (keyword per encoder, e.g. vision=False)."""

@@ -28,6 +28,7 @@ from ..kernels.paged_decode import paged_decode_attention
 from ..kernels.quant import GEMV_MAX_ROWS
 from ..kernels.rotary_cache import qkv_rope_cache_write, rope_cos_sin_cache
 from ..paged_cache import PagedLayerCache
+from ..parallel.sharding import all_reduce
 from ..reference.glm import GlmAttention, GlmDecoderLayer, GlmMLP, GlmModel, RMSNorm, rotary_inv_freq
 from .base import FastModule
 from .quant import FastQuantLinear, fuse_projections, linear
@@ -177,9 +178,11 @@ class FastGlmDecoderLayer(FastModule, GlmDecoderLayer):
     def after_attention(self, h: Tensor, residual: Tensor, out: Tensor | None = None,
                         in_place: bool = False) -> tuple[Tensor, Tensor]:
         """The layer after attention: h, the projected attention output -> (the MLP's output, the residual
-        stream). The MLP output is not added here: the next norm adds it (after post_mlp_layernorm)."""
+        stream). The MLP output is not added here: the next norm adds it (after post_mlp_layernorm). Under tensor
+        parallelism both sublayers' outputs are partial sums over the ranks: each is all-reduced here."""
+        h = all_reduce(h, self.tensor_parallel)
         h, residual = add_norm(self.post_attention_layernorm, h, residual, self.post_self_attn_layernorm, in_place)
-        return (self.mlp(h) if out is None else self.mlp(h, out=out)), residual
+        return all_reduce(self.mlp(h) if out is None else self.mlp(h, out=out), self.tensor_parallel), residual
 
 
 class FastGlmModel(FastModule, GlmModel):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TextConfig
+from ..parallel.sharding import all_reduce
 
 
 class RMSNorm(nn.Module):
@@ -142,6 +143,8 @@ class GlmMLP(nn.Module):
 
 
 class GlmDecoderLayer(nn.Module):
+    tensor_parallel = None  # a rank's layer (parallel/sharding.py): each sublayer's output is summed over ranks
+
     def __init__(self, config: TextConfig):
         super().__init__()
         self.self_attn = GlmAttention(config)
@@ -156,9 +159,9 @@ class GlmDecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 cache: KVCache | None = None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        h = all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache), self.tensor_parallel)
         x = x + (h if self.post_self_attn_layernorm is None else self.post_self_attn_layernorm(h))
-        h = self.mlp(self.post_attention_layernorm(x))
+        h = all_reduce(self.mlp(self.post_attention_layernorm(x)), self.tensor_parallel)
         return x + (h if self.post_mlp_layernorm is None else self.post_mlp_layernorm(h))
 
 

@@ -79,17 +79,20 @@ class AutoGLMPhoneForCausalLM(nn.Module):
     # ---- construction, weights -------------------------------------------------------------
     @classmethod
     def from_config(cls, config: AutoGLMPhoneConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", quantization=None) -> "AutoGLMPhoneForCausalLM":
+                    device: torch.device | str = "cpu", quantization=None,
+                    tensor_parallel=None) -> "AutoGLMPhoneForCausalLM":
         """Seeded random weights, allocated once in `dtype` on `device` (no fp32 detour); quantization: a
-        quant.QuantConfig (each target Linear quantized as it is made)."""
+        quant.QuantConfig (each target Linear quantized as it is made); tensor_parallel: a
+        parallel.TensorParallel, to build that rank's part."""
         from ..weights import random_model
-        return random_model(cls, config, seed, dtype, device, quantization)
+        return random_model(cls, config, seed, dtype, device, quantization, tensor_parallel)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                        quantization=None) -> "AutoGLMPhoneForCausalLM":
+                        quantization=None, tensor_parallel=None) -> "AutoGLMPhoneForCausalLM":
         from ..weights import load_pretrained
-        return load_pretrained(cls, directory, dtype=dtype, device=device, quantization=quantization)
+        return load_pretrained(cls, directory, dtype=dtype, device=device, quantization=quantization,
+                               tensor_parallel=tensor_parallel)
 
     checkpoint_name = staticmethod(lambda key: key)  # our own checkpoints use the model's names
 

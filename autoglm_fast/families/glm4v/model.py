@@ -44,27 +44,28 @@ class Glm4vForConditionalGeneration(nn.Module):
     # ---- construction, weights -------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: Glm4vConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu", quantization=None) -> "Glm4vForConditionalGeneration":
-        """Seeded random weights, allocated once in `dtype` on `device`; quantization: a quant.QuantConfig."""
+                    device: torch.device | str = "cpu", quantization=None,
+                    tensor_parallel=None) -> "Glm4vForConditionalGeneration":
+        """Seeded random weights, allocated once in `dtype` on `device`; quantization: a quant.QuantConfig;
+        tensor_parallel: a parallel.TensorParallel, to build that rank's part."""
         from ...weights import random_model
-        return random_model(cls, config, seed, dtype, device, quantization)
+        return random_model(cls, config, seed, dtype, device, quantization, tensor_parallel)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-                        quantization=None) -> "Glm4vForConditionalGeneration":
+                        quantization=None, tensor_parallel=None) -> "Glm4vForConditionalGeneration":
         """A transformers checkpoint directory (config.json, generation_config.json, safetensors), AWQ 4-bit
-        ones included (their quantization_config says so); quantization: a quant.QuantConfig (RTN at load)."""
+        ones included (their quantization_config says so); quantization: a quant.QuantConfig (RTN at load);
+        tensor_parallel: a parallel.TensorParallel (that rank's part alone is read)."""
         from ...quant.awq import checkpoint_awq_settings
-        from ...weights import load_checkpoint
+        from ...weights import load_checkpoint, meta_model
         directory = Path(directory)
-        config = Glm4vConfig.load(directory)
-        with torch.device("meta"):
-            model = cls(config)
+        model, shards = meta_model(cls, Glm4vConfig.load(directory), tensor_parallel)
         expected = set(model.state_dict())
         if model.config.tie_word_embeddings:
             expected.discard("lm_head.weight")
         load_checkpoint(model, directory, hf_name, expected, dtype, device, quantization,
-                        checkpoint_awq_settings(directory))
+                        checkpoint_awq_settings(directory), shards)
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         return model.eval()
