@@ -9,7 +9,7 @@ import torch
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --preset / --tokenizer (also `serve`'s)."""
+    """--model / --preset / --tokenizer / --quantization / --tensor-parallel-size (also `serve`'s)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory (config.json + safetensors + tokenizer.json); "
                      "default: the shipped, trained checkpoints/autoglm-phone-nano")
@@ -19,6 +19,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a tokenizer.json (or a directory holding one), or 'bytes' for the built-in byte "
                         "tokenizer; default: the checkpoint's own (a checkpoint without one is an error)")
     add_quantization_arguments(p)
+    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
+                   help="split the decoder over N devices (GPUs 0..N-1 with NCCL, or N CPU processes with gloo); "
+                        "each rank loads only its shard. Default: 1")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def add_quantization_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +56,7 @@ def quantization_options(args: argparse.Namespace) -> dict:
 
 def load_engine(args: argparse.Namespace, **kwargs):
     from .engine import Engine
-    kwargs.update(quantization_options(args))
+    kwargs.update(quantization_options(args), tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
     if args.preset:
         return Engine.from_preset(args.preset, tokenizer=args.tokenizer, **kwargs)
     from .train.eval import default_checkpoint
@@ -83,13 +92,18 @@ def run(args: argparse.Namespace) -> None:
         {"role": "user", "content": content}]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    print(f"[{engine.backend} backend on {engine.device}, {engine.dtype}; loaded in {load_s:.1f} s]", file=sys.stderr)
+    ranks = f" x {engine.parallel.size} ranks" if engine.parallel else ""
+    print(f"[{engine.backend} backend on {engine.device}{ranks}, {engine.dtype}; loaded in {load_s:.1f} s]",
+          file=sys.stderr)
     start, first, last = time.perf_counter(), None, None
-    for out in engine.stream(messages=messages, params=params, enable_thinking=not args.no_thinking):
-        if first is None and out.token_ids:
-            first = time.perf_counter()
-        print(out.text, end="", flush=True)
-        last = out
+    try:
+        for out in engine.stream(messages=messages, params=params, enable_thinking=not args.no_thinking):
+            if first is None and out.token_ids:
+                first = time.perf_counter()
+            print(out.text, end="", flush=True)
+            last = out
+    finally:
+        engine.close()
     end = time.perf_counter()
     print()
     n = last.completion_tokens if last else 0

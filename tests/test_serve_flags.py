@@ -77,9 +77,8 @@ def test_underscore_and_dash_spellings_are_equal(capsys):
 
 
 def test_vllm_only_flags_warn_once_each_and_change_nothing(capsys):
-    argv = ["--trust-remote-code", "--gpu-memory-utilization", "0.9", "--tensor-parallel-size", "1",
-            "--enforce-eager", "--mm-encoder-tp-mode", "data", "--mm_processor_cache_type", "lru",
-            "--gpu_memory_utilization", "0.5", "-tp", "1"]
+    argv = ["--trust-remote-code", "--gpu-memory-utilization", "0.9", "--enforce-eager", "--mm-encoder-tp-mode",
+            "data", "--mm_processor_cache_type", "lru", "--gpu_memory_utilization", "0.5"]
     args = parse(*argv)
     err = capsys.readouterr().err.splitlines()
     named = [a for a in argv if a.startswith("-") and not a[1:].replace(".", "").isdigit()]
@@ -90,10 +89,16 @@ def test_vllm_only_flags_warn_once_each_and_change_nothing(capsys):
     assert vars(args) == {**vars(parse()), "ignored_vllm_flags": named}
 
 
+@pytest.mark.parametrize("argv", [["--tensor-parallel-size", "2"], ["-tp", "2"], ["--tensor_parallel_size=2"]])
+def test_tensor_parallel_size_is_real_in_each_spelling(capsys, argv):
+    assert parse(*argv).tensor_parallel_size == 2 and parse().tensor_parallel_size == 1
+    assert capsys.readouterr().err == ""  # no "no effect" warning: the engine runs N ranks
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--tensor-parallel-size", "2"], "argument --tensor-parallel-size/-tp: tensor parallelism is not implemented"),
-    (["-tp", "4"], "only 1 is accepted, got 4"),
-    (["--tensor_parallel_size", "2"], "argument --tensor_parallel_size: tensor parallelism"),
+    (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size/-tp: must be a positive integer, got '0'"),
+    (["-tp", "two"], "must be a positive integer, got 'two'"),
+    (["--tensor_parallel_size", "-2"], "argument --tensor_parallel_size: must be a positive integer"),
     (["--limit-mm-per-prompt", "{image:10}"], "argument --limit-mm-per-prompt: not valid JSON"),
     (["--limit_mm_per_prompt", "[10]"], "argument --limit_mm_per_prompt: must be a JSON object"),
     (["--limit-mm-per-prompt", '{"image": "10"}'], "argument --limit-mm-per-prompt: 'image' must map to a count"),

@@ -4,7 +4,8 @@ vLLM compatibility: the flags of `python -m vllm.entrypoints.openai.api_server` 
 command line uses are accepted with vLLM's meaning, and in either spelling (--max-model-len or
 --max_model_len), as vLLM's FlexibleArgumentParser accepts both. vLLM engine tunings that have no
 counterpart here (VLLM_NO_OP_FLAGS) are accepted with a one-line warning on stderr each and listed in
-`args.ignored_vllm_flags`; --tensor-parallel-size other than 1 is an error.
+`args.ignored_vllm_flags`. --tensor-parallel-size / -tp is real (parallel/): N ranks, and a worker that dies
+ends the server with status 1 and a message naming its rank.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 
 # vLLM engine options with no effect here: flag -> the type of its value (None: a switch)
 VLLM_NO_OP_FLAGS = {"--mm-encoder-tp-mode": str, "--mm-processor-cache-type": str, "--gpu-memory-utilization": float,
-                    "--tensor-parallel-size": int, "--trust-remote-code": None, "--enforce-eager": None}
+                    "--trust-remote-code": None, "--enforce-eager": None}
 DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
           "float32": "float32"}  # vLLM's --dtype spellings -> ours
 DEFAULT_MAX_IMAGES = 8
@@ -77,9 +78,6 @@ class _MaxImages(argparse.Action):
 
 class _NoOp(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        if self.dest == "tensor_parallel_size" and values != 1:
-            raise argparse.ArgumentError(self, f"tensor parallelism is not implemented here: only 1 is accepted, "
-                                               f"got {values}")
         shown = option_string if self.nargs == 0 else f"{option_string} {values}"
         print(f"WARNING: {shown}: a vLLM engine option with no effect in autoglm-fast; ignored", file=sys.stderr)
         namespace.ignored_vllm_flags = [*namespace.ignored_vllm_flags, option_string]
@@ -96,8 +94,10 @@ def _flag(p, *names: str, **kwargs):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..generate_cli import add_model_arguments
-    add_model_arguments(p)  # --model / --preset / --tokenizer
+    from ..generate_cli import _positive_int, add_model_arguments
+    add_model_arguments(p)  # --model / --preset / --tokenizer / --quantization / --tensor-parallel-size
+    p.add_argument("--tensor_parallel_size", dest="tensor_parallel_size", type=_positive_int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # vLLM's underscore spelling
     _flag(p, "--host", default="0.0.0.0")
     _flag(p, "--port", type=int, default=8000)
     _flag(p, "--served-model-name", default="autoglm-phone-9b")
@@ -138,10 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
           help="same as --no-prefix-caching")
     p.set_defaults(ignored_vllm_flags=[], enable_prefix_caching=None)
     for flag, kind in VLLM_NO_OP_FLAGS.items():
-        names = (flag, "-tp") if flag == "--tensor-parallel-size" else (flag,)
         extra = {"nargs": 0} if kind is None else {"type": kind, "metavar": "X"}
-        _flag(v, *names, action=_NoOp, default=argparse.SUPPRESS, help="no effect here (a vLLM engine option)"
-              + ("; only 1" if flag == "--tensor-parallel-size" else ""), **extra)
+        _flag(v, flag, action=_NoOp, default=argparse.SUPPRESS, help="no effect here (a vLLM engine option)", **extra)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -166,10 +164,13 @@ def run(args: argparse.Namespace) -> None:
     if args.chat_template_content_format != "openai":
         kw["content_format"] = args.chat_template_content_format
     engine = load_engine(args, **kw)
+    if engine.driver is not None:  # a dead worker cannot be replaced: end the server, naming it
+        engine.driver.exit_on_failure = True
     reasoning_parser = None if args.reasoning_parser in (None, "none") else args.reasoning_parser
     app = create_app(engine, args.served_model_name, args.api_key, args.allowed_local_media_path,
                      args.max_queued, args.max_images, args.reasoning_format,
                      max_body_bytes=args.max_body_bytes, reasoning_parser=reasoning_parser)
-    log.info("Model loaded successfully (%s backend on %s)", engine.backend, engine.device)
+    ranks = f", tensor parallel x {engine.parallel.size}" if engine.parallel else ""
+    log.info("Model loaded successfully (%s backend on %s%s)", engine.backend, engine.device, ranks)
     sys.stderr.flush()
     uvicorn.run(app, host=args.host, port=args.port)

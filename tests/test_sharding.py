@@ -1,0 +1,211 @@
+"""Tensor-parallel sharding in one process (no collectives): what each rank holds, that the ranks' parts
+make up the whole model exactly, per-rank memory, and that loading reads only a rank's slices."""
+import pytest
+import torch
+
+from autoglm_fast.config import TextConfig
+from autoglm_fast.families import family_for_preset
+from autoglm_fast.parallel.sharding import Shard, TensorParallel, build_sharded, decoder, local_text_config
+from autoglm_fast.weights import load_pretrained
+
+NANO = family_for_preset("nano")
+
+
+def _ranks(preset, size=2, **kw):
+    fam = family_for_preset(preset)
+    return [fam.model_cls.from_config(fam.preset(preset), seed=3, tensor_parallel=TensorParallel(r, size), **kw)
+            for r in range(size)]
+
+
+def _whole(preset):
+    fam = family_for_preset(preset)
+    return fam.model_cls.from_config(fam.preset(preset), seed=3)
+
+
+@pytest.mark.parametrize("preset", ["nano", "glm4v-tiny"])
+def test_ranks_parts_make_up_the_whole_model_exactly(preset):
+    """Column and row splits, gate_up's two row ranges, KV heads and the vocabulary: concatenating the ranks'
+    tensors along their Shard's dim gives the TP=1 model's tensors bit for bit (same seed: the same draws)."""
+    whole, ranks = _whole(preset), _ranks(preset)
+    fam = family_for_preset(preset)
+    plans = [build_sharded(fam.model_cls, fam.preset(preset), m.tensor_parallel)[1] for m in ranks]
+    full = whole.state_dict()
+    split = 0
+    for name, tensor in full.items():
+        parts = [m.state_dict()[name] for m in ranks]
+        shard = plans[0].get(name)
+        if shard is None:  # replicated
+            assert all(torch.equal(p, tensor) for p in parts), name
+            continue
+        split += 1
+        rebuilt = torch.zeros_like(tensor)
+        for p, plan in zip(parts, plans):
+            index, offset = [slice(None)] * tensor.dim(), 0
+            for s, e in plan[name].ranges:
+                index[shard.dim] = slice(s, e)
+                rebuilt[tuple(index)] = p.narrow(shard.dim, offset, e - s)
+                offset += e - s
+            assert offset == p.shape[shard.dim], name
+        assert torch.equal(rebuilt, tensor), name
+    text = fam.preset(preset).text
+    assert split == text.num_hidden_layers * (9 if text.attention_bias else 6) + 2  # q,k,v (+ biases), o, gate_up, down; embed, lm_head
+
+
+def test_gate_up_rows_are_gate_then_up_of_the_same_columns():
+    """gate_up_proj is [gate; up]: a rank's rows are its gate rows and the matching up rows (SwiGLU pairs
+    gate column j with up column j), not one contiguous half."""
+    whole, (r0, r1) = _whole("nano"), _ranks("nano")
+    I = NANO.preset("nano").text.intermediate_size
+    w = whole.model.layers[0].mlp.gate_up_proj.weight
+    assert torch.equal(r1.model.layers[0].mlp.gate_up_proj.weight, torch.cat([w[I // 2:I], w[I + I // 2:]]))
+    assert torch.equal(r0.model.layers[0].mlp.down_proj.weight, whole.model.layers[0].mlp.down_proj.weight[:, :I // 2])
+
+
+def test_local_config_and_kv_heads_replicated_past_their_count():
+    text = TextConfig(vocab_size=103, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    local = local_text_config(text, TensorParallel(3, 4))
+    assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size) == (2, 1, 24)
+    # query heads 6, 7 of rank 3 read KV head 1 (group size 4): rank 3 holds KV head 1, as rank 2 does
+    assert [TensorParallel(r, 4).kv_heads(2) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert [TensorParallel(r, 2).kv_heads(2) for r in range(2)] == [(0, 1), (1, 1)]
+    # a vocabulary that does not divide: ceil shares, the last rank short
+    assert [TensorParallel(r, 4).vocab(103) for r in range(4)] == [(0, 26), (26, 52), (52, 78), (78, 103)]
+    with pytest.raises(ValueError, match="num_attention_heads=8 is not divisible by tensor_parallel_size=3"):
+        local_text_config(text, TensorParallel(0, 3))
+    with pytest.raises(ValueError, match="must be a multiple of num_key_value_heads=2"):
+        TensorParallel(0, 3).kv_heads(2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive int"):
+        TensorParallel(0, 0)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        TensorParallel(2, 2)
+
+
+def test_shard_reads_only_its_ranges():
+    full = torch.arange(24.0).reshape(4, 6)
+    assert torch.equal(Shard(1, ((1, 3), (4, 5)), 6).take(full), full[:, [1, 2, 4]])
+    assert Shard(0, ((2, 4),), 4).local_shape((4, 6)) == (2, 6)
+    assert Shard(0, ((2, 4),), 4).full_shape((2, 6)) == (4, 6)
+
+
+def _decoder_numel(model, norms: bool = False) -> int:
+    """Parameters of the GLM decoder and lm_head (the part tensor parallelism splits), or of its norms alone
+    (which every rank keeps)."""
+    params = dict(decoder(model).named_parameters())
+    params["lm_head"] = model.lm_head.weight
+    seen = {id(p): p for n, p in params.items() if ("norm" in n) == norms}  # a tied lm_head once
+    return sum(p.numel() for p in seen.values())
+
+
+@pytest.mark.parametrize("preset", ["nano", "glm4v-tiny"])
+def test_each_rank_holds_half_the_decoder(preset):
+    whole, ranks = _whole(preset), _ranks(preset)
+    for m in ranks:
+        assert _decoder_numel(m) == _decoder_numel(whole) // 2
+        assert _decoder_numel(m, norms=True) == _decoder_numel(whole, norms=True)
+
+
+@pytest.mark.parametrize("preset, most", [("autoglm-phone-9b", 0.53), ("glm-4.1v-9b", 0.55)])
+def test_real_presets_per_rank_bytes_about_half(preset, most):
+    """The 9B presets on the meta device (nothing allocated): a rank's parameters are about half of the
+    model's, the replicated encoders the rest."""
+    fam = family_for_preset(preset)
+    with torch.device("meta"):
+        whole = sum(p.numel() for p in fam.model_cls(fam.preset(preset)).parameters())
+    for rank in range(2):
+        model, _ = build_sharded(fam.model_cls, fam.preset(preset), TensorParallel(rank, 2))
+        assert 0.5 < sum(p.numel() for p in model.parameters()) / whole < most
+
+
+class _CountingOpen:
+    """safetensors.safe_open, counting the bytes of every tensor (or slice of one) taken from the files."""
+
+    def __init__(self, real):
+        self.real, self.bytes = real, 0
+
+    def __call__(self, *args, **kwargs):
+        counter, handle = self, self.real(*args, **kwargs)
+
+        class Slice:
+            def __init__(self, s):
+                self.s = s
+
+            def __getitem__(self, index):
+                t = self.s[index]
+                counter.bytes += t.numel() * t.element_size()
+                return t
+
+            def get_shape(self):
+                return self.s.get_shape()
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return handle.keys()
+
+            def get_slice(self, name):
+                return Slice(handle.get_slice(name))
+
+            def get_tensor(self, name):
+                t = handle.get_tensor(name)
+                counter.bytes += t.numel() * t.element_size()
+                return t
+
+        return Handle()
+
+
+def _state_bytes(model) -> int:
+    seen, n = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def test_a_rank_reads_only_its_shards(tmp_path, monkeypatch):
+    """Each rank of a saved nano checkpoint reads exactly its own tensors' bytes from the files (the split
+    ones in part, via get_slice), about half of the decoder's, and ends with the whole model's slices."""
+    import autoglm_fast.weights as weights
+    _whole("nano").save_pretrained(tmp_path)
+    counting = _CountingOpen(weights.safe_open)
+    monkeypatch.setattr(weights, "safe_open", counting)
+    whole = load_pretrained(NANO.model_cls, tmp_path)
+    whole_bytes, counting.bytes = counting.bytes, 0
+    assert whole_bytes == _state_bytes(whole)
+    for rank, ref in enumerate(_ranks("nano")):
+        model = load_pretrained(NANO.model_cls, tmp_path, tensor_parallel=TensorParallel(rank, 2))
+        read, counting.bytes = counting.bytes, 0
+        assert read == _state_bytes(model)  # its own bytes, no more
+        split = _decoder_numel(whole) * 4
+        assert read - (whole_bytes - split) == split // 2  # of the split part, half; the rest all
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, ref.state_dict()[name]), name
+
+
+def test_glm41v_checkpoint_ranks_read_their_slices(tmp_path, monkeypatch):
+    """The transformers-saved GLM-4.1V directory (GLM's real 151552-token vocabulary, HF names): each rank
+    reads about half of the decoder and embedding bytes."""
+    pytest.importorskip("transformers")
+    from glm4v_checkpoint import save_checkpoint
+
+    import autoglm_fast.weights as weights
+    from autoglm_fast.families.glm4v.model import Glm4vForConditionalGeneration as Glm4v
+    save_checkpoint(tmp_path, "{{ messages }}")
+    counting = _CountingOpen(weights.safe_open)
+    monkeypatch.setattr(weights, "safe_open", counting)
+    whole = Glm4v.from_pretrained(tmp_path)
+    whole_bytes, counting.bytes = counting.bytes, 0
+    vision = sum(p.numel() * 4 for p in whole.model.visual.parameters())
+    for rank in range(2):
+        model = Glm4v.from_pretrained(tmp_path, tensor_parallel=TensorParallel(rank, 2))
+        read, counting.bytes = counting.bytes, 0
+        assert read == _state_bytes(model)
+        assert 0.49 < (read - vision) / (whole_bytes - vision) < 0.51
+        assert model.model.language_model.embed_tokens.weight.shape[0] == 151552 // 2

@@ -1,0 +1,160 @@
+"""Tensor parallelism run for real: two CPU processes over gloo (rank 0 is the test process, rank 1 a
+spawned worker), against the same engine on one process. Greedy tokens must agree for a mixed batch
+(text, image, audio) with requests joining, aborted and chunk-prefilled mid-run; the fast backend runs its
+kernels in Triton's interpreter. A worker that dies must surface as an error naming its rank."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from agreement import assert_same_greedy
+from autoglm_fast.demo import demo_image, demo_tone
+from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
+from autoglm_fast.kernels.utils import device_supported
+from autoglm_fast.parallel.launch import WorkerDiedError
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+GREEDY = SamplingParams.greedy(max_tokens=4, ignore_eos=True, logprobs=2)
+SCHED = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)  # chunked prefill
+GAP = 1e-4  # fp32: two ranks' partial sums differ from one GEMM by rounding only
+
+
+def _fast_or_skip(backend):
+    if backend == "fast" and not device_supported(torch.device("cpu")):
+        pytest.skip("the kernels need CUDA, or TRITON_INTERPRET=1 on a CPU")
+
+
+def _drive(engine, requests, late, params=GREEDY):
+    """Run `requests`, add `late` after two steps and abort a throwaway request after one: every kind of
+    command a worker must follow. Returns each kept request's per-token logprob records."""
+    ids = [engine.add_request(params=params, **r) for r in requests]
+    doomed = engine.add_request("to be aborted", GREEDY)
+    got, steps = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.logprobs or [])
+        steps += 1
+        if steps == 1:
+            engine.abort(doomed)
+        if steps == 2:
+            ids += [engine.add_request(params=params, **r) for r in late]
+    return [got[i] for i in ids]
+
+
+def _compare(make, requests, late, backend):
+    params = GREEDY if backend == "reference" else SamplingParams.greedy(max_tokens=3, ignore_eos=True, logprobs=2)
+    one = make(1)
+    want = _drive(one, requests, late, params)
+    two = make(2)
+    try:
+        assert two.parallel.size == 2 and two.driver is not None
+        got = _drive(two, requests, late, params)
+        # rank 0 holds half of the decoder: its KV head, its columns, its vocabulary rows
+        assert two.config.text.num_key_value_heads * 2 == one.config.text.num_key_value_heads
+        assert two.runtime.embed_tokens.weight.shape[0] * 2 == one.runtime.embed_tokens.weight.shape[0]
+    finally:
+        two.close()
+    assert [len(g) for g in got] == [params.max_tokens] * len(got)
+    assert_same_greedy(got, want, GAP)
+    return one, two
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_nano_tp2_equals_one_process(backend):
+    """Text, an image, audio, both; the fast backend decodes through the CUDA-graph static buffers (eagerly
+    on a CPU), whose last tokens a worker takes from rank 0 (its own sampling is never used)."""
+    _fast_or_skip(backend)
+    pytest.importorskip("PIL")
+    from autoglm_fast.families import family_for_preset
+    tone = demo_tone(family_for_preset("nano").preset("nano"), seconds=0.5)
+    requests = [dict(prompt="What is on the screen?"), dict(prompt="Both?", images=[demo_image(64)], audio=[tone])]
+    late = [dict(prompt="Describe it.", images=[demo_image(48)]), dict(prompt="What do you hear?", audio=[tone])]
+    graphs = backend == "fast"
+    if graphs:  # the interpreter is slow (a program per token and head): fewer, shorter prompts
+        requests, late = [dict(prompt="Tap OK"), requests[1]], [dict(prompt="Now")]
+    _compare(lambda tp: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED, cuda_graphs=graphs,
+                                           tensor_parallel_size=tp), requests, late, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend):
+    """The tiny GLM-4.1V as transformers saves it (GLM's 151552-token vocabulary, split in two), each rank
+    reading its slices: text and image requests, M-RoPE positions, the replicated vision tower."""
+    _fast_or_skip(backend)
+    pytest.importorskip("transformers")
+    from glm4v_checkpoint import save_checkpoint
+    from test_glm4v_engine import _images, _prompt
+    directory = tmp_path_factory.mktemp("glm41v_tp")
+    save_checkpoint(directory, "{{ messages }}")
+    imgs = [_images((112, 84)), _images((84, 112), (56, 56))]
+    requests = [dict(prompt=_prompt(directory, [])), dict(prompt=_prompt(directory, imgs[0]), images=imgs[0])]
+    late = [dict(prompt=_prompt(directory, imgs[1]), images=imgs[1])] if backend == "reference" else []
+    _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
+                                               scheduler=SCHED, cuda_graphs=backend == "fast",
+                                               tensor_parallel_size=tp), requests, late, backend)
+
+
+def test_dead_worker_is_an_error_naming_its_rank():
+    engine = Engine.from_preset("nano", seed=0, backend="reference", tensor_parallel_size=2)
+    try:
+        worker = engine.driver.workers[0]
+        assert engine.generate(["hi"], SamplingParams.greedy(max_tokens=2))[0].completion_tokens == 2
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=30)
+        with pytest.raises(WorkerDiedError, match=r"worker rank 1 \(pid \d+\) died \(killed by SIGKILL\)"):
+            engine.generate(["hi"], SamplingParams.greedy(max_tokens=2))
+    finally:
+        engine.close()
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "autoglm_fast", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_cli_prints_the_same_text_with_two_ranks():
+    argv = ["generate", "--preset", "nano", "--backend", "reference", "--prompt", "Open the settings app",
+            "--temperature", "0", "--max-tokens", "12"]
+    one, two = _cli(*argv), _cli(*argv, "--tensor-parallel-size", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    assert "x 2 ranks" in two.stderr and "tensor-parallel worker rank 1: pid" in two.stderr
+
+
+def test_serve_exits_naming_the_rank_when_a_worker_is_killed():
+    """The server cannot go on without a rank: it exits with status 1 within 30 s, saying which one died."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from live_server import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autoglm_fast", "serve", "--preset", "nano", "--backend",
+                             "reference", "-tp", "2", "--port", str(port), "--host", "127.0.0.1",
+                             "--max-model-len", "256"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        pid = int(next(l for l in lines if "tensor-parallel worker rank 1: pid" in l).split()[-1])
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        reader.join(timeout=5)
+        assert code != 0 and time.monotonic() - killed < 30
+        assert f"tensor-parallel worker rank 1 (pid {pid}) died (killed by SIGKILL)" in "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
