@@ -19,12 +19,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a tokenizer.json (or a directory holding one), or 'bytes' for the built-in byte "
                         "tokenizer; default: the checkpoint's own (a checkpoint without one is an error)")
     add_quantization_arguments(p)
-    p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
                    help="split the decoder over N devices (GPUs 0..N-1 with NCCL, or N CPU processes with gloo); "
                         "each rank loads only its shard. Default: 1")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)

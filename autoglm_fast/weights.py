@@ -42,6 +42,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
     """config.json + shards + index; with `tokenizer` (a `tokenizer.Tokenizer`) also its files, so that
     loading needs no tokenizer option. Without one, tokenizer files already in `directory` stay."""
     from .quant.linear import QuantLinear
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("this model is one tensor-parallel rank's shard; save the checkpoint it was loaded from "
+                         "(or build the model with tensor_parallel_size=1 to save it)")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("save_pretrained writes full-precision checkpoints; this model is quantized (quantize at "
                          "load instead: quantization='int8' / 'int4')")

@@ -268,6 +268,7 @@ class Options:
     part: str = "all"                  # "headline": only the headline rows; "rest": all others; "all"
     l2_bytes: int | None = None        # L2 size the rotations assume; None: see `l2`
     quantization: tuple[str, ...] = ("int8", "int4")  # the weight-only methods the quant rows measure
+    tensor_parallel: tuple[int, ...] = ()  # rank counts the tp rows measure (none: no tp rows)
 
     @property
     def small(self) -> bool:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import NAN, Recorder, Row, with_engine
-from .e2e import _decode_ms, _ms_per_token
+from .common import Recorder
+from .variants import compare_engines
 
 GROUP_SIZE = 128
 PRESET = "autoglm-phone-9b"
@@ -90,82 +90,10 @@ def run_kernels(rec: Recorder) -> None:
                     flops=2 * m * n * k, graph=m <= 32)
 
 
-def _timed(engine, batch: int, params, prompt: list[int]) -> tuple[float, float, float]:
-    """(median, 20 %, 80 %) ms: per decode step at batch 1, per generated token of `batch` requests above."""
-    if batch == 1:
-        return _decode_ms(engine, params, prompt)
-    ms = _ms_per_token(engine, params, batch, prompt)
-    return ms, ms, ms
-
-
 def run_e2e(rec: Recorder) -> None:
-    from autoglm_fast.engine import Engine, SamplingParams, SchedulerConfig
-
+    from autoglm_fast.engine import Engine
     opts = rec.opts
-    preset, new_tokens, prompt = ("nano", 2, [7] * 8) if opts.small else (PRESET, 128, [7] * 32)
-    label = f"{preset} {opts.dtype_name}"
-    rows = {(method, b): Row("e2e", "quant decode b1" if b == 1 else f"quant throughput b{b}", f"{label} {method}",
-                             opts.dtype_name, {}, timer="engine")
-            for b in ((1,) if opts.small else (1, 8, 32)) for method in opts.quantization}
-    rows = {key: row for key, row in rows.items() if rec.selected(row.case, row.shape, headline=key[1] == 1)}
-    batches = sorted({b for _, b in rows})
-    if not batches:
-        return
-    sched = SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=2048, max_model_len=1024)
-    greedy = SamplingParams.greedy(max_tokens=new_tokens, ignore_eos=True)
-    unquantized: dict[int, tuple[tuple[float, float, float], str]] = {}  # batch -> (times, CUDA-graph state)
-
-    def measure(engine, method):
-        text = engine.config.text
-        kv = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * engine.dtype.itemsize
-        weights = engine.runtime.decode_weight_bytes()
-        for b in batches:  # ascending: a time box that cuts the run keeps batch 1
-            if method is not None and (method, b) not in rows:
-                continue
-            times = _timed(engine, b, greedy, prompt)
-            if method is None:
-                unquantized[b] = times, engine.graph_state.status
-                continue
-            row = rows[(method, b)]
-            # one step reads the weights once and each sequence's KV so far, for b tokens
-            row.bytes = (weights + b * kv * (len(prompt) + new_tokens // 2)) // b
-            row.ms["ours"], row.quantiles["ours"] = times[0], times[1:]
-            row.graphs["ours"] = engine.graph_state.status
-            row.metrics.update({"tokens/s": 1e3 / times[0], "weight GB per step": weights / 1e9})
-            if torch.cuda.is_available():
-                row.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            _compare(row, unquantized.get(b))
-            rec.record(row)  # as it lands: a time box that cuts the run keeps it
-
-    for method in (None,) + opts.quantization:
-        mine = {key: row for key, row in rows.items() if method in (None, key[0])}
-        if not mine:
-            continue
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        impl = "unquantized" if method is None else "ours"
-        failed = Row("e2e", "", "", opts.dtype_name, {})  # the engine's error, for the rows it did not measure
-        with_engine(failed, impl, lambda method=method: Engine.from_preset(
-            preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
-            enable_prefix_caching=False, load_vision=False, load_audio=False, quantization=method),
-            lambda engine, method=method: measure(engine, method))
-        for (_, b), row in mine.items() if failed.errors else ():
-            measured = b in unquantized if method is None else "ours" in row.ms
-            if not measured:
-                row.errors.setdefault(impl, failed.errors[impl])
-                if method is not None:
-                    rec.record(row)
-
-
-def _compare(row: Row, base) -> None:
-    """The unquantized engine's time beside ours and the speedup - not when its graphs fell back (an eager
-    baseline would flatter ours). No base: that engine failed, and its error is on the row already."""
-    if base is None:
-        return
-    (med, lo, hi), status = base
-    if status not in ("captured", "off"):  # "off": no CUDA, nothing to capture
-        row.errors["unquantized"] = f"its CUDA graphs are {status!r}: an eager baseline, not compared"
-        return
-    row.ms["unquantized"], row.quantiles["unquantized"] = med, (lo, hi)
-    row.metrics["unquantized tokens/s"] = 1e3 / med
-    row.metrics["speedup vs unquantized"] = med / row.ms["ours"] if row.ms["ours"] > 0 else NAN
+    preset = "nano" if opts.small else PRESET
+    compare_engines(rec, "quant", preset, opts.quantization, "unquantized", lambda method, sched: Engine.from_preset(
+        preset, dtype=opts.dtype, device=opts.device, scheduler=sched, backend="fast", cuda_graphs=True,
+        enable_prefix_caching=False, load_vision=False, load_audio=False, quantization=method))

@@ -2,7 +2,7 @@
 
     autoglm-fast bench [--suite kernels|e2e|all ...] [--part all|headline|rest] [--shapes small|real]
                        [--out DIR] [--json OUT] [--markdown OUT] [--plot DIR] [--compare BASE.json]
-                       [-k FILTER] [--load RUN.json ...] [--require-graphs]
+                       [-k FILTER] [--load RUN.json ...] [--require-graphs] [-q int8 int4] [-tp N ...]
 
 Each run first measures the device's copy bandwidth and dense matmul rate, then times every case:
 ours vs eager PyTorch vs torch.compile (and SDPA for attention), reported as ms, GB/s or TFLOP/s and %
@@ -32,6 +32,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from autoglm_fast.generate_cli import positive_int
     cuda = torch.cuda.is_available()
     p.add_argument("--suite", choices=SUITES + ("all",), nargs="+", default=["all"],
                    help="suites to run, in this order (default: all = %s)" % " ".join(SUITES))
@@ -46,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", choices=("int8", "int4"), nargs="+", default=["int8", "int4"],
                    help="the weight-only methods the quantized rows measure (kernels and e2e decode vs the "
                         "unquantized engine; default: both)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, nargs="+", default=[], metavar="N",
+                   help="also time the engine on N ranks (tp decode / throughput rows vs one device; N GPUs, or N "
+                        "CPU processes); default: no tp rows")
     p.add_argument("-k", "--filter", metavar="TEXT",
                    help="only kernel cases whose 'case shape' contains TEXT (e2e: only backends matching it)")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs" if cuda else "none",
@@ -111,14 +115,14 @@ def _options(args) -> Options:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.float32)
     mode = None if args.compile_mode in ("none", "") else args.compile_mode
     return Options(args.shapes, device, dtype, mode, args.filter, args.compile_reference, args.part,
-                   quantization=tuple(args.quantization))
+                   quantization=tuple(args.quantization), tensor_parallel=tuple(args.tensor_parallel_size))
 
 
 def measure(args, opts: Options) -> dict:
     """Run the chosen suites; with --json the file is rewritten after every row (a killed run keeps its rows)."""
     if opts.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported, just below
-    from . import adapter, backbone, e2e, e2e_glm4v, e2e_serving, quant
+    from . import adapter, backbone, e2e, e2e_glm4v, e2e_serving, parallel, quant
 
     print(f"measuring the ceilings of {opts.device} ...", flush=True)
     ceilings = measure_ceilings(opts.device, quick=opts.small)
@@ -158,7 +162,8 @@ def measure(args, opts: Options) -> dict:
         # backbone first: its decode and prefill rows carry the headline targets if a time box cuts the run;
         # the quantized rows next (their decode b1 is a headline row too)
         {"kernels": lambda: (backbone.run(rec), quant.run_kernels(rec), adapter.run(rec)),
-         "e2e": lambda: (e2e.run(rec), quant.run_e2e(rec), e2e_glm4v.run(rec), e2e_serving.run(rec))}[suite]()
+         "e2e": lambda: (e2e.run(rec), quant.run_e2e(rec), parallel.run(rec), e2e_glm4v.run(rec),
+                         e2e_serving.run(rec))}[suite]()
     run["complete"] = True
     return run
 

@@ -209,3 +209,23 @@ def test_glm41v_checkpoint_ranks_read_their_slices(tmp_path, monkeypatch):
         assert read == _state_bytes(model)
         assert 0.49 < (read - vision) / (whole_bytes - vision) < 0.51
         assert model.model.language_model.embed_tokens.weight.shape[0] == 151552 // 2
+
+
+def test_sizes_that_do_not_split_fail_before_any_process_starts(monkeypatch):
+    import subprocess
+
+    from autoglm_fast.engine import Engine
+    monkeypatch.setattr(subprocess, "Popen", None)  # starting a worker would fail differently
+    with pytest.raises(ValueError, match="num_attention_heads=6 is not divisible by tensor_parallel_size=4"):
+        Engine.from_preset("nano", tensor_parallel_size=4, backend="reference")
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive int, got 0"):
+        Engine.from_preset("nano", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match=r"Engine\(model\) serves the model it is given"):
+        Engine(_whole("nano"), tensor_parallel_size=2)
+
+
+def test_a_rank_refuses_to_save_its_shard_as_a_checkpoint(tmp_path):
+    (rank0, _) = _ranks("nano")
+    with pytest.raises(ValueError, match="one tensor-parallel rank's shard"):
+        rank0.save_pretrained(tmp_path)
+    assert not list(tmp_path.iterdir())

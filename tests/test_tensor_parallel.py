@@ -158,3 +158,4 @@ def test_serve_exits_naming_the_rank_when_a_worker_is_killed():
     finally:
         if proc.poll() is None:
             proc.kill()
+

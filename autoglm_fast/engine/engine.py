@@ -120,7 +120,8 @@ class Engine:
             from ..parallel.launch import launch
             return launch(functools.partial(cls.from_preset, name, seed=seed, dtype=dtype, load_vision=load_vision,
                                             load_audio=load_audio, quantization=quantization,
-                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device)
+                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device,
+                          family_for_preset(name).preset(name))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         family = family_for_preset(name)
@@ -147,10 +148,10 @@ class Engine:
             tokenizer = find_tokenizer(directory, tokenizer)  # before the weights: fail fast
         if tensor_parallel_size != 1:
             from ..parallel.launch import launch
-            family_for_checkpoint(directory)  # fail fast, before any process starts
             return launch(functools.partial(cls.from_pretrained, directory, dtype=dtype, load_vision=load_vision,
                                             load_audio=load_audio, tokenizer=tokenizer, quantization=quantization,
-                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device)
+                                            quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device,
+                          family_for_checkpoint(directory).load_config(directory))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device,
                                                                            quantization=quant,

@@ -2,10 +2,10 @@
 get, scheduler and all), ranks 1..N-1 are spawned workers (worker.py), one device each.
 
 Start-up: every rank builds its own shard (a checkpoint's ranks read only their slices), the workers report
-through a pipe, then all join the torch.distributed group. A worker that dies is noticed by a monitor
-thread on rank 0: the next step raises `WorkerDiedError` naming the rank, a step
-blocked in a collective gets the same error once gloo reports the dead peer, and with `exit_on_failure`
-(the server) the process exits at once with status 1 and that message.
+through a pipe, then all join the torch.distributed group. A worker that dies is noticed at once by a
+monitor thread on rank 0, which says so on stderr: the next step raises `WorkerDiedError` naming the
+rank; a step blocked in a collective gets the same error once gloo reports the dead peer (NCCL may wait
+for its timeout instead); with `exit_on_failure` (the server) the process exits at once with status 1.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .sharding import TensorParallel
+from .sharding import TensorParallel, local_text_config
 from .worker import StepMessage, init_group, rank_device, send
 
 
@@ -45,10 +45,13 @@ class _Worker:
         return f"tensor-parallel worker rank {self.rank} (pid {self.process.pid}) died ({how})"
 
 
-def launch(build, size: int, device: str | None):
-    """Rank 0's engine, `build(_tensor_parallel=, device=)` on every rank, with its workers running."""
+def launch(build, size: int, device: str | None, config=None):
+    """Rank 0's engine, `build(_tensor_parallel=, device=)` on every rank, with its workers running.
+    config: the model's, to check that it splits in `size` before any process starts."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {size!r}")
+    if config is not None:
+        local_text_config(config.text, TensorParallel(0, size))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"tensor parallelism runs on CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")

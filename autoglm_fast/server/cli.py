@@ -94,9 +94,9 @@ def _flag(p, *names: str, **kwargs):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..generate_cli import _positive_int, add_model_arguments
+    from ..generate_cli import positive_int, add_model_arguments
     add_model_arguments(p)  # --model / --preset / --tokenizer / --quantization / --tensor-parallel-size
-    p.add_argument("--tensor_parallel_size", dest="tensor_parallel_size", type=_positive_int, default=argparse.SUPPRESS,
+    p.add_argument("--tensor_parallel_size", dest="tensor_parallel_size", type=positive_int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # vLLM's underscore spelling
     _flag(p, "--host", default="0.0.0.0")
     _flag(p, "--port", type=int, default=8000)
