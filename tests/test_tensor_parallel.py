@@ -79,7 +79,8 @@ def test_nano_tp2_equals_one_process(backend):
     if graphs:  # the interpreter is slow (a program per token and head): fewer, shorter prompts
         requests, late = [dict(prompt="Tap OK"), requests[1]], [dict(prompt="Now")]
     _compare(lambda tp: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED, cuda_graphs=graphs,
-                                           tensor_parallel_size=tp), requests, late, backend)
+                                           device="cpu", dtype=torch.float32, tensor_parallel_size=tp),
+             requests, late, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
@@ -101,7 +102,7 @@ def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend):
 
 
 def test_dead_worker_is_an_error_naming_its_rank():
-    engine = Engine.from_preset("nano", seed=0, backend="reference", tensor_parallel_size=2)
+    engine = Engine.from_preset("nano", seed=0, backend="reference", device="cpu", tensor_parallel_size=2)
     try:
         worker = engine.driver.workers[0]
         assert engine.generate(["hi"], SamplingParams.greedy(max_tokens=2))[0].completion_tokens == 2
@@ -119,8 +120,8 @@ def _cli(*args, timeout=300):
 
 
 def test_generate_cli_prints_the_same_text_with_two_ranks():
-    argv = ["generate", "--preset", "nano", "--backend", "reference", "--prompt", "Open the settings app",
-            "--temperature", "0", "--max-tokens", "12"]
+    argv = ["generate", "--preset", "nano", "--backend", "reference", "--device", "cpu", "--prompt",
+            "Open the settings app", "--temperature", "0", "--max-tokens", "12"]
     one, two = _cli(*argv), _cli(*argv, "--tensor-parallel-size", "2")
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     assert two.stdout == one.stdout and one.stdout.strip()
@@ -134,7 +135,7 @@ def test_serve_exits_naming_the_rank_when_a_worker_is_killed():
     from live_server import free_port
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "autoglm_fast", "serve", "--preset", "nano", "--backend",
-                             "reference", "-tp", "2", "--port", str(port), "--host", "127.0.0.1",
+                             "reference", "--device", "cpu", "-tp", "2", "--port", str(port), "--host", "127.0.0.1",
                              "--max-model-len", "256"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -159,3 +160,22 @@ def test_serve_exits_naming_the_rank_when_a_worker_is_killed():
         if proc.poll() is None:
             proc.kill()
 
+
+@pytest.mark.gpu
+def test_two_gpus_nccl_with_graphs_per_rank_agree_with_one():
+    """Two GPUs (NCCL): fp16 decode steps replayed from CUDA graphs captured on each rank, collectives
+    inside; greedy tokens agree with one GPU's up to near ties (fp16 rounding)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    make = lambda tp: Engine.from_preset("nano", seed=0, backend="fast", scheduler=SCHED, device="cuda",  # noqa: E731
+                                         dtype=torch.float16, tensor_parallel_size=tp)
+    params = SamplingParams.greedy(max_tokens=8, ignore_eos=True, logprobs=2)
+    requests = [dict(prompt="Tap OK"), dict(prompt="Open the settings app and find Wi-Fi")]
+    want = _drive(make(1), requests, [], params)
+    two = make(2)
+    try:
+        got = _drive(two, requests, [], params)
+        assert two.graph_state.status == "captured"
+    finally:
+        two.close()
+    assert_same_greedy(got, want, 2e-2)
