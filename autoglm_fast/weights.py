@@ -169,12 +169,15 @@ def _local(shape: tuple[int, ...], shard) -> tuple[int, ...]:
     return shape if shard is None else shard.local_shape(shape)
 
 
-def meta_model(cls, config, tensor_parallel=None) -> tuple[nn.Module, dict]:
+def meta_model(cls, config, tensor_parallel=None, quantization=None, awq: dict | None = None) -> tuple[nn.Module, dict]:
     """`cls(config)` on the meta device, and the Shard of each split tensor: one tensor-parallel rank's
-    model (parallel/sharding.py) when tensor_parallel is given, else the whole model and no shards."""
+    model (parallel/sharding.py) when tensor_parallel is given, else the whole model and no shards. 4-bit
+    weights (int4 quantization, an AWQ checkpoint's settings) split the MLP in whole groups."""
     if tensor_parallel is not None:
         from .parallel.sharding import build_sharded
-        return build_sharded(cls, config, tensor_parallel)
+        group = (awq or {}).get("group_size") or (quantization.group_size if getattr(quantization, "bits", 8) == 4
+                                                   else 1)
+        return build_sharded(cls, config, tensor_parallel, group)
     with torch.device("meta"):
         return cls(config), {}
 
@@ -208,7 +211,7 @@ def load_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; save with model.save_pretrained(dir)")
-    model, shards = meta_model(cls, AutoGLMPhoneConfig.load(directory / CONFIG_NAME), tensor_parallel)
+    model, shards = meta_model(cls, AutoGLMPhoneConfig.load(directory / CONFIG_NAME), tensor_parallel, quantization)
     load_checkpoint(model, directory, lambda n: n, set(model.state_dict()), dtype, device, quantization,
                     shards=shards)
     return model.eval()
@@ -224,13 +227,11 @@ def load_checkpoint(model: nn.Module, directory: str | Path, rename, expected: s
     if awq is not None:
         if quantization is not None:
             raise ValueError(f"{directory} is already quantized (AWQ, 4-bit): load it without quantization=")
-        if shards:
-            raise ValueError(f"{directory} is AWQ 4-bit: AWQ checkpoints do not load tensor-parallel yet "
-                             "(load the full-precision checkpoint with quantization='int4' instead)")
         from .quant.awq import load_awq_linears, split_awq
         files, linears = split_awq(files, rename)
-        load_tensors(model, files, rename, expected - {f"{name}.weight" for name in linears}, dtype, device, source)
-        load_awq_linears(model, linears, awq["group_size"], dtype, device, source)
+        load_tensors(model, files, rename, expected - {f"{name}.weight" for name in linears}, dtype, device, source,
+                     shards=shards)
+        load_awq_linears(model, linears, awq["group_size"], dtype, device, source, shards)
     else:
         load_tensors(model, files, rename, expected, dtype, device, source, streaming_quantizer(model, quantization),
                      shards)
@@ -307,7 +308,7 @@ def random_model(cls, config, seed: int, dtype: torch.dtype, device: torch.devic
     and seeded-random initialised (no fp32 detour): any family's `from_config`. quantization: a QuantConfig;
     each target Linear is quantized as soon as it is initialised. tensor_parallel: build one rank's part
     (the same weights as the whole model's)."""
-    model, shards = meta_model(cls, config, tensor_parallel)
+    model, shards = meta_model(cls, config, tensor_parallel, quantization)
     return materialize(model, dtype=dtype, device=device, seed=seed,
                        quantizer=streaming_quantizer(model, quantization), shards=shards).eval()
 

@@ -1,5 +1,7 @@
 """Tensor-parallel sharding in one process (no collectives): what each rank holds, that the ranks' parts
 make up the whole model exactly, per-rank memory, and that loading reads only a rank's slices."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -229,3 +231,56 @@ def test_a_rank_refuses_to_save_its_shard_as_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="one tensor-parallel rank's shard"):
         rank0.save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def _dequantized(model) -> dict:
+    from autoglm_fast.quant.linear import QuantLinear
+    return {n: m.dequantize().float() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _assert_rank_slices(whole: dict, ranks: list[dict], plans: list[dict]) -> None:
+    """Each rank's dequantized layer is exactly its Shard of the whole model's."""
+    assert whole and all(r.keys() == whole.keys() for r in ranks)
+    for name, w in whole.items():
+        for got, plan in zip(ranks, plans):
+            shard = plan.get(f"{name}.weight")
+            assert torch.equal(got[name], w if shard is None else shard.take(w)), name
+
+
+def test_awq_checkpoint_shards_in_whole_groups(tmp_path):
+    """An AWQ checkpoint (groups of 32) at TP=2: the packed qweight / qzeros / scales are sliced as they
+    are (int32 words of 8 output rows, groups of input columns), so each rank dequantizes to exactly its
+    slice. The tiny MLP's 96 columns are 3 groups: ranks get 2 and 1 (whole groups, unevenly)."""
+    pytest.importorskip("transformers")
+    from glm4v_checkpoint import save_checkpoint
+    from test_awq import write_awq_checkpoint
+
+    from autoglm_fast.families.glm4v.config import Glm4vConfig
+    from autoglm_fast.families.glm4v.model import Glm4vForConditionalGeneration as Glm4v
+    save_checkpoint(tmp_path / "fp", "{{ messages }}")
+    write_awq_checkpoint(tmp_path / "fp", tmp_path / "awq", group_size=32)
+    config = Glm4vConfig.load(tmp_path / "awq")
+    tps = [TensorParallel(r, 2) for r in range(2)]
+    ranks = [Glm4v.from_pretrained(tmp_path / "awq", tensor_parallel=tp) for tp in tps]
+    assert [m.config.text.intermediate_size for m in ranks] == [64, 32]
+    _assert_rank_slices(_dequantized(Glm4v.from_pretrained(tmp_path / "awq")), [_dequantized(m) for m in ranks],
+                        [build_sharded(Glm4v, config, tp, align=32)[1] for tp in tps])
+
+
+def test_int4_at_load_quantizes_the_groups_one_device_would():
+    """int4 round to nearest on each rank's slice, after an MLP split in whole groups: every layer's codes
+    and scales are those of TP=1 (int8's per-channel scales of row-parallel layers are not: a rank sees
+    only its columns)."""
+    from autoglm_fast.quant.quantize import QuantConfig
+    int4 = QuantConfig("int4", group_size=32)
+    text = NANO.preset("nano").text
+    text = dataclasses.replace(text, num_attention_heads=4, head_dim=16, intermediate_size=160)  # o_proj: 2 x 32
+    config = dataclasses.replace(NANO.preset("nano"), text=text)
+    whole = NANO.model_cls.from_config(config, seed=1, quantization=int4)
+    tps = [TensorParallel(r, 2) for r in range(2)]
+    ranks = [NANO.model_cls.from_config(config, seed=1, quantization=int4, tensor_parallel=tp) for tp in tps]
+    assert [m.config.text.intermediate_size for m in ranks] == [96, 64]  # 5 groups of 32: 3 + 2
+    plans = [build_sharded(NANO.model_cls, config, tp, align=32)[1] for tp in tps]
+    dequantized = _dequantized(whole)
+    _assert_rank_slices({n: w for n, w in dequantized.items() if "lm_head" not in n},  # int8: per rank's rows
+                        [{n: w for n, w in _dequantized(m).items() if "lm_head" not in n} for m in ranks], plans)

@@ -8,6 +8,10 @@
     lm_head                    vocab-parallel: its rows; the logits are all-gathered (`GatherLogits`)
     everything else            replicated: norms, the seed family's encoders, adapters and fusion, GLM-4.1V's ViT
 KV heads are split too; with more ranks than KV heads each KV head is replicated on size / kv ranks (vLLM).
+Under 4-bit weights (AWQ checkpoints, int4 at load) the intermediate columns are split in whole quantization
+groups (unevenly where the group count does not divide: GLM-4.1V's 13696 = 107 groups of 128 -> 54 + 53),
+so a rank's down_proj holds whole groups: AWQ tensors slice as they are, and int4 at load quantizes exactly
+the groups one device would.
 
 A rank's model is built on the meta device with its local shapes (`local_text_config`), and every sharded
 tensor has a `Shard` saying which rows or columns of the full tensor it is, so loaders read only those
@@ -41,8 +45,12 @@ class TensorParallel:
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank {self.rank} is outside a tensor-parallel group of {self.size}")
 
-    def split(self, n: int, what: str) -> tuple[int, int]:
-        """(start, count) of this rank's equal share of n."""
+    def split(self, n: int, what: str, align: int = 1) -> tuple[int, int]:
+        """(start, count) of this rank's share of n: equal, or in whole units of `align` (the earlier ranks
+        one unit more where the units do not divide) when n is a multiple of align."""
+        if align > 1 and n % align == 0 and n // align >= self.size:
+            units, extra = divmod(n // align, self.size)
+            return (self.rank * units + min(self.rank, extra)) * align, (units + (self.rank < extra)) * align
         if n % self.size:
             raise ValueError(f"{what}={n} is not divisible by tensor_parallel_size={self.size}")
         count = n // self.size
@@ -88,11 +96,12 @@ class Shard:
         return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, self.dim)
 
 
-def local_text_config(text: TextConfig, tp: TensorParallel) -> TextConfig:
-    """The decoder config of one rank: its query heads, KV heads and intermediate columns."""
+def local_text_config(text: TextConfig, tp: TensorParallel, align: int = 1) -> TextConfig:
+    """The decoder config of one rank: its query heads, KV heads and intermediate columns (in whole groups
+    of `align`, see the module's docstring)."""
     heads = tp.split(text.num_attention_heads, "num_attention_heads")[1]
     kv = tp.kv_heads(text.num_key_value_heads)[1]
-    inter = tp.split(text.intermediate_size, "intermediate_size")[1]
+    inter = tp.split(text.intermediate_size, "intermediate_size", align)[1]
     return dataclasses.replace(text, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter)
 
 
@@ -150,12 +159,12 @@ def decoder(model: nn.Module) -> nn.Module:
     return found[0]
 
 
-def build_sharded(cls, config, tp: TensorParallel) -> tuple[nn.Module, dict[str, Shard]]:
+def build_sharded(cls, config, tp: TensorParallel, align: int = 1) -> tuple[nn.Module, dict[str, Shard]]:
     """`cls(config)` for one rank on the meta device (local shapes, vocab-parallel embedding and lm_head),
-    and the Shard of every tensor that is split, by parameter name."""
+    and the Shard of every tensor that is split, by parameter name. align: the 4-bit group size, if any."""
     text = config.text
     with torch.device("meta"):
-        model = cls(dataclasses.replace(config, text=local_text_config(text, tp)))
+        model = cls(dataclasses.replace(config, text=local_text_config(text, tp, align)))
         gm = decoder(model)
         tied = model.lm_head.weight is gm.embed_tokens.weight
         gm.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, tp)
@@ -166,15 +175,15 @@ def build_sharded(cls, config, tp: TensorParallel) -> tuple[nn.Module, dict[str,
     model.tensor_parallel = tp
     for layer in gm.layers:
         layer.tensor_parallel = tp
-    return model, shard_plan(model, text, tp)
+    return model, shard_plan(model, text, tp, align)
 
 
-def shard_plan(model: nn.Module, text: TextConfig, tp: TensorParallel) -> dict[str, Shard]:
+def shard_plan(model: nn.Module, text: TextConfig, tp: TensorParallel, align: int = 1) -> dict[str, Shard]:
     from ..reference.glm import GlmAttention, GlmMLP
     D, I = text.head_dim, text.intermediate_size
     q0, nq = tp.split(text.num_attention_heads, "num_attention_heads")
     k0, nk = tp.kv_heads(text.num_key_value_heads)
-    i0, ni = tp.split(I, "intermediate_size")
+    i0, ni = tp.split(I, "intermediate_size", align)
     q_rows = Shard(0, ((q0 * D, (q0 + nq) * D),), text.num_attention_heads * D)
     kv_rows = Shard(0, ((k0 * D, (k0 + nk) * D),), text.num_key_value_heads * D)
     plan: dict[str, Shard] = {}

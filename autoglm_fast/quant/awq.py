@@ -127,17 +127,35 @@ def split_awq(files: dict[str, Path], rename) -> tuple[dict[str, Path], dict[str
     return {n: f for n, f in files.items() if n not in taken}, linears
 
 
-def _read(entry: tuple[str, Path]) -> Tensor:
+def _read(entry: tuple[str, Path], shard=None) -> Tensor:
     name, file = entry
     with safe_open(str(file), framework="pt", device="cpu") as f:
-        return f.get_tensor(name)
+        return f.get_tensor(name) if shard is None else shard.take(f.get_slice(name))
+
+
+def _part_shards(weight_shard, group_size: int, where: str) -> dict:
+    """A tensor-parallel rank's slices of qweight / qzeros / scales for its slice of the weight [N, K]:
+    output rows are packed 8 to an int32 column, input columns are grouped G to a scales / qzeros row."""
+    if weight_shard is None:
+        return dict.fromkeys(PARTS)
+    from ..parallel.sharding import Shard
+    d, ranges, full = weight_shard.dim, weight_shard.ranges, weight_shard.full
+    unit = 8 if d == 0 else group_size
+    if any(s % unit or e % unit for s, e in ranges):
+        raise CheckpointError(f"{where}: this rank's {'rows' if d == 0 else 'columns'} {ranges} do not fall on "
+                              f"whole {'int32 words (8 rows)' if d == 0 else f'groups of {group_size}'}")
+    packed = Shard(1 - d, tuple((s // unit, e // unit) for s, e in ranges), full // unit)
+    whole = Shard(1 - d, ranges, full)  # AWQ tensors are [K, ...]: the weight's dims swapped
+    return {"qweight": packed if d == 0 else whole, "qzeros": packed, "scales": whole if d == 0 else packed}
 
 
 def load_awq_linears(model: nn.Module, linears: dict[str, dict[str, tuple[str, Path]]], group_size: int,
-                     dtype: torch.dtype | None, device: torch.device | str | None, source: str) -> None:
+                     dtype: torch.dtype | None, device: torch.device | str | None, source: str,
+                     shards: dict | None = None) -> None:
     """Replace each named nn.Linear of `model` by a QuantLinear holding its AWQ weight (split_awq's second
     result), one module at a time so that at most one module's checkpoint tensors are held; the Linear's
-    bias (loaded already, or still on meta) is kept."""
+    bias (loaded already, or still on meta) is kept. shards: a tensor-parallel rank's (weight name -> Shard):
+    only its slices of the packed tensors are read."""
     for module_name, entries in linears.items():
         try:
             linear = model.get_submodule(module_name)
@@ -146,14 +164,15 @@ def load_awq_linears(model: nn.Module, linears: dict[str, dict[str, tuple[str, P
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"{source}: {module_name} has AWQ tensors but is not an nn.Linear of the model "
                                   f"(found {type(linear).__name__})")
-        layer = _awq_linear(linear, entries, group_size, dtype, torch.device(device or "cpu"),
-                            f"{source}: {module_name}")
+        where = f"{source}: {module_name}"
+        parts = _part_shards((shards or {}).get(f"{module_name}.weight"), group_size, where)
+        layer = _awq_linear(linear, entries, group_size, dtype, torch.device(device or "cpu"), where, parts)
         replace_module(model, module_name, layer)
 
 
 def _awq_linear(linear: nn.Linear, entries: dict[str, tuple[str, Path]], group_size: int,
-                dtype: torch.dtype | None, device: torch.device, where: str) -> QuantLinear:
-    qweight, qzeros, scales = (_read(entries[p]) for p in PARTS)
+                dtype: torch.dtype | None, device: torch.device, where: str, shards: dict) -> QuantLinear:
+    qweight, qzeros, scales = (_read(entries[p], shards[p]) for p in PARTS)
     K, N, G = linear.in_features, linear.out_features, group_size
     want = {"qweight": (K, N // 8), "qzeros": (K // G, N // 8), "scales": (K // G, N)}
     got = {p: tuple(t.shape) for p, t in zip(PARTS, (qweight, qzeros, scales))}

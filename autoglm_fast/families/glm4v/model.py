@@ -60,12 +60,12 @@ class Glm4vForConditionalGeneration(nn.Module):
         from ...quant.awq import checkpoint_awq_settings
         from ...weights import load_checkpoint, meta_model
         directory = Path(directory)
-        model, shards = meta_model(cls, Glm4vConfig.load(directory), tensor_parallel)
+        awq = checkpoint_awq_settings(directory)
+        model, shards = meta_model(cls, Glm4vConfig.load(directory), tensor_parallel, quantization, awq)
         expected = set(model.state_dict())
         if model.config.tie_word_embeddings:
             expected.discard("lm_head.weight")
-        load_checkpoint(model, directory, hf_name, expected, dtype, device, quantization,
-                        checkpoint_awq_settings(directory), shards)
+        load_checkpoint(model, directory, hf_name, expected, dtype, device, quantization, awq, shards)
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         return model.eval()
