@@ -20,12 +20,19 @@ def _info(args: argparse.Namespace) -> None:
     else:
         family = family_for_preset(args.preset)
         config, source = family.preset(args.preset), {"preset": args.preset}
-    dtype = getattr(torch, args.dtype)
-    with torch.device("meta"):  # sizes without allocating 9 B parameters
-        model = family.model_cls(config).to(dtype)
-    memory = memory_report(model, dtype, args.model, **quantization_options(args))
-    print(json.dumps({**source, "family": family.name, "parameters": model.parameter_counts(), "memory": memory,
-                      "config": dataclasses.asdict(config)}, indent=2))
+    from .parallel.sharding import TensorParallel
+    from .quant.awq import checkpoint_awq_settings
+    from .quant.quantize import resolve
+    from .weights import meta_model
+    dtype, quant = getattr(torch, args.dtype), quantization_options(args)
+    # sizes without allocating 9 B parameters; with -tp N, rank 0's (the largest) shard: per GPU
+    tp = TensorParallel(0, args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
+    awq = checkpoint_awq_settings(args.model) if args.model else None
+    model = meta_model(family.model_cls, config, tp, resolve(**quant), awq)[0].to(dtype)
+    memory = memory_report(model, dtype, args.model, **quant)
+    per_gpu = {"tensor_parallel_size": tp.size, "sizes_are": "per GPU (rank 0)"} if tp else {}
+    print(json.dumps({**source, "family": family.name, **per_gpu, "parameters": model.parameter_counts(),
+                      "memory": memory, "config": dataclasses.asdict(config)}, indent=2))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -88,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory (its config.json picks the family)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="the activations' dtype (what unquantized weights are stored in)")
-    from .generate_cli import add_quantization_arguments
+    from .generate_cli import add_quantization_arguments, positive_int
     add_quantization_arguments(p)
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1, metavar="N",
+                   help="sizes per GPU of N tensor-parallel ranks (rank 0's shard; the KV cache of its heads)")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
     try:

@@ -284,3 +284,19 @@ def test_int4_at_load_quantizes_the_groups_one_device_would():
     dequantized = _dequantized(whole)
     _assert_rank_slices({n: w for n, w in dequantized.items() if "lm_head" not in n},  # int8: per rank's rows
                         [{n: w for n, w in _dequantized(m).items() if "lm_head" not in n} for m in ranks], plans)
+
+
+@pytest.mark.parametrize("preset", ["autoglm-phone-9b", "glm-4.1v-9b"])
+def test_info_prints_per_gpu_sizes_of_n_ranks(preset, capsys):
+    import json
+
+    from autoglm_fast.cli import main
+    sizes = []
+    for argv in ([], ["-tp", "2"]):
+        assert main(["info", "--preset", preset, *argv]) == 0
+        sizes.append(json.loads(capsys.readouterr().out))
+    one, two = sizes
+    assert two["tensor_parallel_size"] == 2 and "tensor_parallel_size" not in one
+    assert two["memory"]["kv_bytes_per_token"] * 2 == one["memory"]["kv_bytes_per_token"]  # one KV head of two
+    assert 0.5 < two["memory"]["weight_bytes"]["total"] / one["memory"]["weight_bytes"]["total"] < 0.55
+    assert two["memory"]["kv_tokens_per_card"]["24 GiB"] > 2 * one["memory"]["kv_tokens_per_card"]["24 GiB"]
