@@ -179,3 +179,22 @@ def test_two_gpus_nccl_with_graphs_per_rank_agree_with_one():
     finally:
         two.close()
     assert_same_greedy(got, want, 2e-2)
+
+
+def test_a_failed_step_on_rank_0_stops_the_workers_and_the_engine():
+    """After rank 0 sent a plan, a failure of its own leaves the workers mid-step: they are stopped, and the
+    engine refuses further steps with the reason (instead of pairing the wrong collectives)."""
+    engine = Engine.from_preset("nano", seed=0, backend="reference", device="cpu", tensor_parallel_size=2)
+    try:
+        def boom(*args):
+            raise RuntimeError("injected")
+        engine.runner.run = boom
+        engine.add_request("hi", SamplingParams.greedy(max_tokens=2))
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+        assert engine.driver.workers[0].process.wait(timeout=30) is not None
+        with pytest.raises(RuntimeError, match=r"a step failed on rank 0 \(RuntimeError: injected\); the "
+                                                "tensor-parallel workers were stopped"):
+            engine.step()
+    finally:
+        engine.close()

@@ -244,7 +244,9 @@ class Engine:
         if self.driver is None:
             self._encode_waiting()
             return self._execute(self.scheduler.schedule())
-        with self.driver.stepping():  # tensor parallel: every worker runs the same plan
+        # tensor parallel: every worker runs the same plan; requests are encoded when first scheduled, on
+        # every rank alike (the embedding lookup is a collective), so nothing is encoded ahead
+        with self.driver.stepping():
             plan = self.scheduler.schedule()
             self.driver.send(plan)
             return self._execute(plan)
@@ -264,7 +266,8 @@ class Engine:
                 rows.append(self.batch.row_of[request_id])
                 tokens.append(token)
         if rows:
-            self.batch.sampling.last_token[torch.tensor(rows, device=self.device)] = torch.tensor(tokens, device=self.device)
+            rows, tokens = (torch.tensor(x, device=self.device) for x in (rows, tokens))
+            self.batch.sampling.last_token[rows] = tokens
         for command, request_id, *args in message.commands:
             self._enqueue(request_id, *args) if command == "add" else self.abort(request_id)
         self._execute(self.scheduler.follow(message.preempted, message.scheduled, self.requests))
@@ -324,8 +327,6 @@ class Engine:
         """Run the encoders of the requests next in line, once each, on the encoder stream (CUDA), so the
         step's decodes never queue behind them; the scheduler takes a request once its encoding is done
         (Request.ready). A failure ends that request alone."""
-        if self.parallel is not None:
-            return  # tensor parallel: each request is encoded when first scheduled, on every rank alike
         for req in list(self.scheduler.waiting)[:self.sched_config.max_num_seqs]:
             if req.prompt_embeds is None:
                 self._admit(req)

@@ -107,7 +107,8 @@ class Driver:
         self.tp, self.workers = tp, workers
         self.commands: list[tuple] = []           # add / abort since the last step (Engine records them)
         self.sampled: list[tuple[str, int]] = []  # tokens appended in the last step
-        self.failure: str | None = None
+        self.failure: str | None = None           # a worker died
+        self.broken: str | None = None            # a step failed on rank 0 after its plan went out
         self.exit_on_failure = False              # the server's choice: a dead worker ends the process
         self.closed = False
         for w in workers:
@@ -125,20 +126,27 @@ class Driver:
 
     @contextlib.contextmanager
     def stepping(self):
-        """Around a step: fail fast on a known-dead worker, and name it when a collective fails because of it."""
-        if self.closed:
-            raise RuntimeError("this tensor-parallel engine was closed")
+        """Around a step: fail fast on a known-dead worker, and name it when a collective fails because of it.
+        Any other failure leaves the workers mid-step, out of step with rank 0: they are stopped, and the
+        engine refuses to step again."""
+        if self.closed or self.broken:
+            raise RuntimeError(self.broken or "this tensor-parallel engine was closed")
         if self.failure:
             raise WorkerDiedError(self.failure)
         try:
             yield
-        except RuntimeError as e:
-            for w in self.workers:  # gloo saw a peer go: which one?
+        except Exception as e:
+            for w in self.workers:  # did gloo see a peer go? which one?
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     w.process.wait(timeout=2.0 / len(self.workers))
             dead = [w.describe() for w in self.workers if w.process.poll() is not None]
             if dead:
                 raise WorkerDiedError("; ".join(dead)) from e
+            self.broken = (f"a step failed on rank 0 ({type(e).__name__}: {e}); the tensor-parallel workers were "
+                           "stopped: build a new engine")
+            self.close()
+            if self.exit_on_failure:
+                self._fatal(self.broken)
             raise
 
     def _monitor(self, worker: _Worker) -> None:
@@ -149,9 +157,15 @@ class Driver:
         sys.stderr.write(f"autoglm-fast: error: {self.failure}\n")
         sys.stderr.flush()
         if self.exit_on_failure:
-            for w in self.workers:
-                w.process.kill()
-            os._exit(1)
+            self._fatal(self.failure)
+
+    def _fatal(self, message: str) -> None:
+        """The server's end: the other workers stopped, the message on stderr, exit status 1."""
+        for w in self.workers:
+            w.process.kill()
+        sys.stderr.write(f"autoglm-fast: tensor parallelism failed, exiting: {message}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them, leave the process group."""
@@ -159,9 +173,12 @@ class Driver:
             return
         self.closed = True
         import torch.distributed as dist
-        if not self.failure:
+        if not (self.failure or self.broken):  # else a worker may be inside a collective: no goodbye
             with contextlib.suppress(RuntimeError):
                 send(self.tp, None)
+        else:
+            for w in self.workers:
+                w.process.kill()
         for w in self.workers:
             try:
                 w.process.wait(timeout=10)
