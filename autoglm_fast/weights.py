@@ -175,11 +175,16 @@ def meta_model(cls, config, tensor_parallel=None, quantization=None, awq: dict |
     weights (int4 quantization, an AWQ checkpoint's settings) split the MLP in whole groups."""
     if tensor_parallel is not None:
         from .parallel.sharding import build_sharded
-        group = (awq or {}).get("group_size") or (quantization.group_size if getattr(quantization, "bits", 8) == 4
-                                                   else 1)
-        return build_sharded(cls, config, tensor_parallel, group)
+        return build_sharded(cls, config, tensor_parallel, group_align(quantization, awq))
     with torch.device("meta"):
         return cls(config), {}
+
+
+def group_align(quantization=None, awq: dict | None = None) -> int:
+    """The 4-bit group size a tensor-parallel MLP split keeps whole (1: none)."""
+    if awq is not None:
+        return awq["group_size"]
+    return quantization.group_size if quantization is not None and quantization.bits == 4 else 1
 
 
 def _progress(items, total: int, source: str):

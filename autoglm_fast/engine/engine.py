@@ -26,9 +26,11 @@ from ..families import family_for_checkpoint, family_for_model, family_for_prese
 from ..kernels.utils import device_supported
 from ..paged_cache import PagedKVCache
 from ..prefix_cache import extend_block_hashes
+from ..quant.awq import checkpoint_awq_settings
 from ..quant.quantize import resolve as resolve_quantization
 from ..sampling import SamplingParams, SamplingPlan, make_generator, pack, unpack
-from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
+from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizerfrom ..weights import group_align
+
 from .batch import PersistentBatch
 from .request import Request, RequestOutput, Status
 from .runner import FastRunner, ReferenceRunner
@@ -121,7 +123,8 @@ class Engine:
             return launch(functools.partial(cls.from_preset, name, seed=seed, dtype=dtype, load_vision=load_vision,
                                             load_audio=load_audio, quantization=quantization,
                                             quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device,
-                          family_for_preset(name).preset(name))
+                          family_for_preset(name).preset(name),
+                          group_align(resolve_quantization(quantization, quantize_vision)))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         family = family_for_preset(name)
@@ -151,7 +154,8 @@ class Engine:
             return launch(functools.partial(cls.from_pretrained, directory, dtype=dtype, load_vision=load_vision,
                                             load_audio=load_audio, tokenizer=tokenizer, quantization=quantization,
                                             quantize_vision=quantize_vision, **kwargs), tensor_parallel_size, device,
-                          family_for_checkpoint(directory).load_config(directory))
+                          family_for_checkpoint(directory).load_config(directory),
+                          group_align(quant, checkpoint_awq_settings(directory)))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = family_for_checkpoint(directory).model_cls.from_pretrained(directory, dtype=dtype, device=device,
                                                                            quantization=quant,

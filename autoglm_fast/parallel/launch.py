@@ -45,13 +45,14 @@ class _Worker:
         return f"tensor-parallel worker rank {self.rank} (pid {self.process.pid}) died ({how})"
 
 
-def launch(build, size: int, device: str | None, config=None):
+def launch(build, size: int, device: str | None, config=None, align: int = 1):
     """Rank 0's engine, `build(_tensor_parallel=, device=)` on every rank, with its workers running.
-    config: the model's, to check that it splits in `size` before any process starts."""
+    config, align: the model's and its 4-bit group size, to check that it splits in `size` before any
+    process starts."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got {size!r}")
     if config is not None:
-        local_text_config(config.text, TensorParallel(0, size))
+        local_text_config(config.text, TensorParallel(0, size), align)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"tensor parallelism runs on CUDA GPUs (NCCL) or CPUs (gloo), not {device.type}")
