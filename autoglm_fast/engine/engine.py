@@ -29,8 +29,8 @@ from ..prefix_cache import extend_block_hashes
 from ..quant.awq import checkpoint_awq_settings
 from ..quant.quantize import resolve as resolve_quantization
 from ..sampling import SamplingParams, SamplingPlan, make_generator, pack, unpack
-from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizerfrom ..weights import group_align
-
+from ..tokenizer import BYTES, IncrementalDetokenizer, Tokenizer, find_tokenizer, load_tokenizer
+from ..weights import group_align
 from .batch import PersistentBatch
 from .request import Request, RequestOutput, Status
 from .runner import FastRunner, ReferenceRunner
