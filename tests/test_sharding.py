@@ -50,7 +50,8 @@ def test_ranks_parts_make_up_the_whole_model_exactly(preset):
             assert offset == p.shape[shard.dim], name
         assert torch.equal(rebuilt, tensor), name
     text = fam.preset(preset).text
-    assert split == text.num_hidden_layers * (9 if text.attention_bias else 6) + 2  # q,k,v (+ biases), o, gate_up, down; embed, lm_head
+    # per layer q, k, v (+ biases), o, gate_up, down; then embed_tokens and lm_head
+    assert split == text.num_hidden_layers * (9 if text.attention_bias else 6) + 2
 
 
 def test_gate_up_rows_are_gate_then_up_of_the_same_columns():

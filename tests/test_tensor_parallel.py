@@ -83,22 +83,30 @@ def test_nano_tp2_equals_one_process(backend):
              requests, late, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend):
+@pytest.mark.parametrize("backend, awq", [("reference", False), ("fast", False), ("reference", True)],
+                         ids=["reference", "fast", "reference, AWQ checkpoint"])
+def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend, awq):
     """The tiny GLM-4.1V as transformers saves it (GLM's 151552-token vocabulary, split in two), each rank
-    reading its slices: text and image requests, M-RoPE positions, the replicated vision tower."""
+    reading its slices: text and image requests, M-RoPE positions, the replicated vision tower. As an AWQ
+    checkpoint (groups of 32) its packed layers shard too, the MLP in whole groups (2 and 1 of 3)."""
     _fast_or_skip(backend)
     pytest.importorskip("transformers")
     from glm4v_checkpoint import save_checkpoint
+    from test_awq import write_awq_checkpoint
     from test_glm4v_engine import _images, _prompt
     directory = tmp_path_factory.mktemp("glm41v_tp")
-    save_checkpoint(directory, "{{ messages }}")
+    save_checkpoint(directory / "fp", "{{ messages }}")
+    if awq:
+        write_awq_checkpoint(directory / "fp", directory / "awq", group_size=32)
+    directory /= "awq" if awq else "fp"
     imgs = [_images((112, 84)), _images((84, 112), (56, 56))]
     requests = [dict(prompt=_prompt(directory, [])), dict(prompt=_prompt(directory, imgs[0]), images=imgs[0])]
     late = [dict(prompt=_prompt(directory, imgs[1]), images=imgs[1])] if backend == "reference" else []
-    _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
-                                               scheduler=SCHED, cuda_graphs=backend == "fast",
-                                               tensor_parallel_size=tp), requests, late, backend)
+    one, two = _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
+                                                          scheduler=SCHED, cuda_graphs=backend == "fast",
+                                                          tensor_parallel_size=tp), requests, late, backend)
+    if awq:
+        assert two.config.text.intermediate_size == 64  # rank 0: 2 of the 3 groups
 
 
 def test_dead_worker_is_an_error_naming_its_rank():

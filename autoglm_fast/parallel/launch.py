@@ -113,7 +113,7 @@ class Driver:
         self.exit_on_failure = False              # the server's choice: a dead worker ends the process
         self.closed = False
         for w in workers:
-            threading.Thread(target=self._monitor, args=(w,), daemon=True, name=f"autoglm-fast-tp{w.rank}-monitor").start()
+            threading.Thread(target=self._monitor, args=(w,), daemon=True, name=f"tp{w.rank}-monitor").start()
         ref = weakref.ref(self)
         atexit.register(lambda: (d := ref()) is not None and d.close())
 
