@@ -301,3 +301,53 @@ def test_info_prints_per_gpu_sizes_of_n_ranks(preset, capsys):
     assert two["memory"]["kv_bytes_per_token"] * 2 == one["memory"]["kv_bytes_per_token"]  # one KV head of two
     assert 0.5 < two["memory"]["weight_bytes"]["total"] / one["memory"]["weight_bytes"]["total"] < 0.55
     assert two["memory"]["kv_tokens_per_card"]["24 GiB"] > 2 * one["memory"]["kv_tokens_per_card"]["24 GiB"]
+
+
+def test_four_ranks_replicating_kv_heads_compute_the_whole_model(monkeypatch):
+    """TP=4 with 2 KV heads (each held by two ranks) and a vocabulary of 303 (shares 76, 76, 76, 75), run as
+    four threads whose collectives are summed in rank order: the ranks' logits, concatenated, are the whole
+    model's (fp32 rounding: the row-parallel sums add in another order)."""
+    import threading
+
+    from agreement import assert_close_across_shapes
+    text = TextConfig(vocab_size=303, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    config = dataclasses.replace(NANO.preset("nano"), text=text)
+    whole = NANO.model_cls.from_config(config, seed=5)
+    ranks = [NANO.model_cls.from_config(config, seed=5, tensor_parallel=TensorParallel(r, 4)) for r in range(4)]
+    assert [m.config.text.num_key_value_heads for m in ranks] == [1, 1, 1, 1]
+    assert [m.lm_head.weight.shape[0] for m in ranks] == [76, 76, 76, 75]
+    barrier, slots, local = threading.Barrier(4), [None] * 4, threading.local()
+
+    def all_reduce(x, group=None):
+        slots[local.rank] = x.clone()
+        barrier.wait()
+        total = sum(slots[1:], slots[0].clone())  # every rank adds in the same order
+        barrier.wait()
+        x.copy_(total)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    ids = torch.tensor([[5, 299, 76, 77, 151, 302, 0, 228]])
+    positions = torch.arange(ids.shape[1])[None]
+
+    def logits(model):
+        gm = decoder(model)
+        return model.lm_head(gm(gm.embed_tokens(ids), positions))
+
+    out = [None] * 4
+
+    def run(rank):
+        local.rank = rank
+        with torch.no_grad():
+            out[rank] = logits(ranks[rank])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    with torch.no_grad():
+        want = logits(whole)
+    got = torch.cat(out, -1)
+    assert_close_across_shapes(got, want)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
