@@ -31,9 +31,10 @@ def _fast_or_skip(backend):
 
 
 def _drive(engine, requests, late, params=GREEDY):
-    """Run `requests`, add `late` after two steps and abort a throwaway request after one: every kind of
-    command a worker must follow. Returns each kept request's per-token logprob records."""
-    ids = [engine.add_request(params=params, **r) for r in requests]
+    """Run `requests` (`params` unless one brings its own), add `late` after two steps and abort a throwaway
+    request after one: every kind of command a worker must follow. Returns each kept request's per-token
+    logprob records."""
+    ids = [engine.add_request(**{"params": params, **r}) for r in requests]
     doomed = engine.add_request("to be aborted", GREEDY)
     got, steps = {}, 0
     while engine.has_unfinished():
@@ -43,7 +44,7 @@ def _drive(engine, requests, late, params=GREEDY):
         if steps == 1:
             engine.abort(doomed)
         if steps == 2:
-            ids += [engine.add_request(params=params, **r) for r in late]
+            ids += [engine.add_request(**{"params": params, **r}) for r in late]
     return [got[i] for i in ids]
 
 
@@ -61,8 +62,9 @@ def _compare(make, requests, late, backend):
     finally:
         two.close()
     assert [len(g) for g in got] == [params.max_tokens] * len(got)
-    assert_same_greedy(got, want, GAP)
-    return one, two
+    greedy = [i for i, r in enumerate(requests + late) if "params" not in r]
+    assert_same_greedy([got[i] for i in greedy], [want[i] for i in greedy], GAP)
+    return one, two, got
 
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
@@ -76,11 +78,29 @@ def test_nano_tp2_equals_one_process(backend):
     requests = [dict(prompt="What is on the screen?"), dict(prompt="Both?", images=[demo_image(64)], audio=[tone])]
     late = [dict(prompt="Describe it.", images=[demo_image(48)]), dict(prompt="What do you hear?", audio=[tone])]
     graphs = backend == "fast"
-    if graphs:  # the interpreter is slow (a program per token and head): fewer, shorter prompts
-        requests, late = [dict(prompt="Tap OK"), requests[1]], [dict(prompt="Now")]
-    _compare(lambda tp: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED, cuda_graphs=graphs,
-                                           device="cpu", dtype=torch.float32, tensor_parallel_size=tp),
-             requests, late, backend)
+    if graphs:  # the interpreter is slow (a program per token and head): fewer, shorter prompts, and one
+        # unseeded sampled request: the worker's random draws differ from rank 0's, whose tokens it must take
+        requests, late = [dict(prompt="Tap OK"), requests[1], dict(prompt="Go", params=SAMPLED)], [dict(prompt="Now")]
+    make = lambda tp: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED,  # noqa: E731
+                                         cuda_graphs=graphs, device="cpu", dtype=torch.float32,
+                                         tensor_parallel_size=tp)
+    one, _, got = _compare(make, requests, late, backend)
+    if graphs:  # the sampled tokens' logprobs are those of one process fed the same tokens (the reference's)
+        reference = Engine.from_preset("nano", seed=0, backend="reference", device="cpu", dtype=torch.float32)
+        _assert_teacher_forced(reference, one.tokenizer.encode("Go"), got[2])
+
+
+SAMPLED = SamplingParams(temperature=1.0, top_k=5, max_tokens=3, ignore_eos=True, logprobs=0)
+
+
+def _assert_teacher_forced(engine, prompt: list[int], records: list[dict]) -> None:
+    """Each record's token scored `logprob` after the prompt and the tokens before it (a rank that had
+    attended over other tokens would score them otherwise)."""
+    tokens = [r["token_id"] for r in records]
+    for k, record in enumerate(records):
+        (out,) = engine.generate([prompt + tokens[:k]], SamplingParams.greedy(max_tokens=1, logprobs=20))
+        top = dict(out.logprobs[0]["top"])
+        assert abs(top[record["token_id"]] - record["logprob"]) < 1e-4, (k, record, top.get(record["token_id"]))
 
 
 @pytest.mark.parametrize("backend, awq", [("reference", False), ("fast", False), ("reference", True)],
@@ -102,7 +122,7 @@ def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend, awq
     imgs = [_images((112, 84)), _images((84, 112), (56, 56))]
     requests = [dict(prompt=_prompt(directory, [])), dict(prompt=_prompt(directory, imgs[0]), images=imgs[0])]
     late = [dict(prompt=_prompt(directory, imgs[1]), images=imgs[1])] if backend == "reference" else []
-    one, two = _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
+    one, two, _ = _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
                                                           scheduler=SCHED, cuda_graphs=backend == "fast",
                                                           tensor_parallel_size=tp), requests, late, backend)
     if awq:
