@@ -1,7 +1,9 @@
 """Tensor parallelism run for real: two CPU processes over gloo (rank 0 is the test process, rank 1 a
 spawned worker), against the same engine on one process. Greedy tokens must agree for a mixed batch
-(text, image, audio) with requests joining, aborted and chunk-prefilled mid-run; the fast backend runs its
-kernels in Triton's interpreter. A worker that dies must surface as an error naming its rank."""
+(text, image, audio) with requests joining, aborted and chunk-prefilled mid-run, for both families, an AWQ
+checkpoint too; the fast backend runs its kernels in Triton's interpreter, and a sampled request there
+must have been computed on rank 0's tokens. A worker that dies, or a step that fails on rank 0, must
+surface as an error (the server exits naming the rank); the CLI prints the same text with two ranks."""
 import os
 import signal
 import subprocess

@@ -112,7 +112,7 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TensorParallel):
         self.vocab_start, self.vocab_end = tp.vocab(num_embeddings)
         super().__init__(self.vocab_end - self.vocab_start, embedding_dim)
-        self.tensor_parallel, self.full_vocab = tp, num_embeddings
+        self.tensor_parallel = tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
@@ -179,6 +179,7 @@ def build_sharded(cls, config, tp: TensorParallel, align: int = 1) -> tuple[nn.M
 
 
 def shard_plan(model: nn.Module, text: TextConfig, tp: TensorParallel, align: int = 1) -> dict[str, Shard]:
+    """Parameter name -> Shard for a rank's meta model (`text`: the whole decoder's config)."""
     from ..reference.glm import GlmAttention, GlmMLP
     D, I = text.head_dim, text.intermediate_size
     q0, nq = tp.split(text.num_attention_heads, "num_attention_heads")
