@@ -51,10 +51,12 @@ def _drive(engine, requests, late, params=GREEDY):
 
 
 def _compare(make, requests, late, backend):
+    """make(tp, backend) -> an engine. TP=2 on `backend` against one process on the reference backend (the
+    fast backend equals it to the same rounding on one process: test_engine.py, test_glm4v_engine.py)."""
     params = GREEDY if backend == "reference" else SamplingParams.greedy(max_tokens=3, ignore_eos=True, logprobs=2)
-    one = make(1)
+    one = make(1, "reference")
     want = _drive(one, requests, late, params)
-    two = make(2)
+    two = make(2, backend)
     try:
         assert two.parallel.size == 2 and two.driver is not None
         got = _drive(two, requests, late, params)
@@ -83,13 +85,12 @@ def test_nano_tp2_equals_one_process(backend):
     if graphs:  # the interpreter is slow (a program per token and head): fewer, shorter prompts, and one
         # unseeded sampled request: the worker's random draws differ from rank 0's, whose tokens it must take
         requests, late = [dict(prompt="Tap OK"), requests[1], dict(prompt="Go", params=SAMPLED)], []
-    make = lambda tp: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED,  # noqa: E731
-                                         cuda_graphs=graphs, device="cpu", dtype=torch.float32,
-                                         tensor_parallel_size=tp)
+    make = lambda tp, backend: Engine.from_preset("nano", seed=0, backend=backend, scheduler=SCHED,  # noqa: E731
+                                                  cuda_graphs=backend == "fast", device="cpu", dtype=torch.float32,
+                                                  tensor_parallel_size=tp)
     one, _, got = _compare(make, requests, late, backend)
-    if graphs:  # the sampled tokens' logprobs are those of one process fed the same tokens (the reference's)
-        reference = Engine.from_preset("nano", seed=0, backend="reference", device="cpu", dtype=torch.float32)
-        _assert_teacher_forced(reference, one.tokenizer.encode("Go"), got[2])
+    if graphs:  # the sampled tokens' logprobs are those of one process fed the same tokens
+        _assert_teacher_forced(one, one.tokenizer.encode("Go"), got[2])
 
 
 SAMPLED = SamplingParams(temperature=1.0, top_k=5, max_tokens=3, ignore_eos=True, logprobs=0)
@@ -124,9 +125,9 @@ def test_glm41v_checkpoint_tp2_equals_one_process(tmp_path_factory, backend, awq
     imgs = [_images((112, 84)), _images((84, 112), (56, 56))]
     requests = [dict(prompt=_prompt(directory, [])), dict(prompt=_prompt(directory, imgs[0]), images=imgs[0])]
     late = [dict(prompt=_prompt(directory, imgs[1]), images=imgs[1])] if backend == "reference" and not awq else []
-    one, two, _ = _compare(lambda tp: Engine.from_pretrained(directory, backend=backend, device="cpu", dtype=torch.float32,
-                                                          scheduler=SCHED, cuda_graphs=backend == "fast",
-                                                          tensor_parallel_size=tp), requests, late, backend)
+    one, two, _ = _compare(lambda tp, backend: Engine.from_pretrained(
+        directory, backend=backend, device="cpu", dtype=torch.float32, scheduler=SCHED,
+        cuda_graphs=backend == "fast", tensor_parallel_size=tp), requests, late, backend)
     if awq:
         assert two.config.text.intermediate_size == 64  # rank 0: 2 of the 3 groups
 
@@ -144,18 +145,15 @@ def test_dead_worker_is_an_error_naming_its_rank():
         engine.close()
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "autoglm_fast", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def test_generate_cli_prints_the_same_text_with_two_ranks():
-    argv = ["generate", "--preset", "nano", "--backend", "reference", "--device", "cpu", "--prompt",
-            "Open the settings app", "--temperature", "0", "--max-tokens", "8"]
-    one, two = _cli(*argv), _cli(*argv, "--tensor-parallel-size", "2")
-    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    assert two.stdout == one.stdout and one.stdout.strip()
-    assert "x 2 ranks" in two.stderr and "tensor-parallel worker rank 1: pid" in two.stderr
+    argv = [sys.executable, "-m", "autoglm_fast", "generate", "--preset", "nano", "--backend", "reference",
+            "--device", "cpu", "--prompt", "Open the settings app", "--temperature", "0", "--max-tokens", "8"]
+    runs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # side by side
+            for a in (argv, argv + ["--tensor-parallel-size", "2"])]
+    (out1, err1), (out2, err2) = (p.communicate(timeout=300) for p in runs)
+    assert [p.returncode for p in runs] == [0, 0], err1[-2000:] + err2[-2000:]
+    assert out2 == out1 and out1.strip()
+    assert "x 2 ranks" in err2 and "tensor-parallel worker rank 1: pid" in err2
 
 
 def test_serve_exits_naming_the_rank_when_a_worker_is_killed():
