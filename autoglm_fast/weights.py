@@ -158,11 +158,14 @@ def load_tensors(model: nn.Module, files: dict[str, Path], rename, expected: set
     for file, pairs in _progress(plan.items(), len(plan), source):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name, name in pairs:
-                shard = shards.get(name)
-                value = f.get_tensor(ckpt_name) if shard is None else shard.take(f.get_slice(ckpt_name))
-                _assign(model, name, value, dtype, device)
+                _assign(model, name, read_tensor(f, ckpt_name, shards.get(name)), dtype, device)
                 if quantizer is not None:
                     quantizer.ready(model, name.rpartition(".")[0])
+
+
+def read_tensor(f, name: str, shard=None) -> torch.Tensor:
+    """A tensor of an open safetensors file, or only a tensor-parallel rank's Shard of it (a slice read)."""
+    return f.get_tensor(name) if shard is None else shard.take(f.get_slice(name))
 
 
 def _local(shape: tuple[int, ...], shard) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..kernels.quant import GROUP_SIZES, pack_int4
-from ..weights import CheckpointError
+from ..weights import CheckpointError, read_tensor
 from .linear import QuantLinear
 from .quantize import replace_module
 
@@ -130,7 +130,7 @@ def split_awq(files: dict[str, Path], rename) -> tuple[dict[str, Path], dict[str
 def _read(entry: tuple[str, Path], shard=None) -> Tensor:
     name, file = entry
     with safe_open(str(file), framework="pt", device="cpu") as f:
-        return f.get_tensor(name) if shard is None else shard.take(f.get_slice(name))
+        return read_tensor(f, name, shard)
 
 
 def _part_shards(weight_shard, group_size: int, where: str) -> dict:

@@ -94,7 +94,7 @@ def _flag(p, *names: str, **kwargs):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..generate_cli import positive_int, add_model_arguments
+    from ..generate_cli import add_model_arguments, positive_int
     add_model_arguments(p)  # --model / --preset / --tokenizer / --quantization / --tensor-parallel-size
     p.add_argument("--tensor_parallel_size", dest="tensor_parallel_size", type=positive_int, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # vLLM's underscore spelling
